@@ -1,0 +1,526 @@
+"""Flows: a graph traced from a plain Python function.
+
+Inside a flow being traced, a task call does not run the task: it adds a node
+to the graph and returns a :class:`Node`, a placeholder for the value computed
+at run time. The flow is traced once, lazily, on first use (``.graph``,
+``run``, ``start``), and the result is cached.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, Generic, NoReturn, ParamSpec, TypeVar, overload
+
+from actorflow import _trace
+from actorflow.errors import GraphError
+from actorflow.graph import (
+    _RESERVED,
+    INPUT,
+    Binding,
+    EntrySpec,
+    Gather,
+    Graph,
+    NodeSpec,
+    Ref,
+    _OutRef,
+    _refuse_later_options,
+)
+from actorflow.task import Task, as_task
+
+if TYPE_CHECKING:
+    from actorflow.runtime.running import RunningFlow
+
+__all__ = ["Flow", "Node", "flow", "map"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_DEFAULT_MAP_PARALLELISM = min(32, (os.cpu_count() or 1) + 4)
+
+
+class Node:
+    """A placeholder, inside a flow, for a value computed at run time.
+
+    A Node can be passed to other tasks (alone, or inside a list / tuple /
+    dict, which gathers the values), indexed (``node[k]`` is a Node of that
+    element) and returned from the flow. It has no truth value, operators or
+    iteration: branch inside a task instead.
+
+    Example::
+
+        @af.flow
+        def f(x):
+            pair = split(x)          # a Node
+            return join(pair[0], pair[1])
+    """
+
+    __slots__ = ("_name", "_path", "_tracer")
+
+    def __init__(self, tracer: _Tracer, name: str, path: tuple[Any, ...] = ()) -> None:
+        self._tracer = tracer
+        self._name = name
+        self._path = path
+
+    def __getitem__(self, key: Any) -> Node:
+        if isinstance(key, Node):
+            _misuse(self, "as an index", "index inside a task instead")
+        return Node(self._tracer, self._name, (*self._path, key))
+
+    def __repr__(self) -> str:
+        shown = "".join(f"[{k!r}]" for k in self._path)
+        return f"<af.Node {self._name}{shown}>"
+
+    def __bool__(self) -> bool:  # noqa: PLE0304 - always raises
+        _misuse(self, "as a truth value (if / while / and / or / not)", _BRANCH)
+
+    def __iter__(self) -> NoReturn:
+        _misuse(
+            self,
+            "as an iterable (for / unpacking / list())",
+            "index it (node[0]) or fan out with af.map(task, node)",
+        )
+
+    def __len__(self) -> int:  # noqa: PLE0303 - always raises
+        _misuse(self, "with len()", "compute the length inside a task")
+
+    def __contains__(self, item: Any) -> bool:
+        _misuse(self, "with 'in'", _BRANCH)
+
+    def __eq__(self, other: object) -> bool:
+        _misuse(self, "in a comparison (==)", _BRANCH)
+
+    def __ne__(self, other: object) -> bool:
+        _misuse(self, "in a comparison (!=)", _BRANCH)
+
+    __hash__ = object.__hash__
+
+    def __index__(self) -> int:  # noqa: PLE0305 - always raises
+        _misuse(self, "as an integer", "convert it inside a task")
+
+    def __float__(self) -> float:
+        _misuse(self, "as a float", "convert it inside a task")
+
+    def __int__(self) -> int:
+        _misuse(self, "as an int", "convert it inside a task")
+
+    def __str__(self) -> str:  # noqa: PLE0307 - always raises
+        _misuse(self, "as a string (str() / f-string)", "format it inside a task")
+
+    def __format__(self, spec: str) -> str:
+        _misuse(self, "in a format string", "format it inside a task")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> NoReturn:
+        _misuse(self, "as a function", "call tasks, not Nodes")
+
+    def exceptionally(self, handler: Any) -> NoReturn:
+        """Turn a failure back into a value (arrives with issue 3: error semantics)."""
+        raise GraphError(
+            f"node {self._name!r}: .exceptionally() is not implemented yet (issue 3: "
+            "supervision and error semantics); handle the error inside the task for now"
+        )
+
+    def finally_do(self, handler: Any) -> NoReturn:
+        """Run a handler after the node (arrives with issue 3: error semantics)."""
+        raise GraphError(
+            f"node {self._name!r}: .finally_do() is not implemented yet (issue 3: "
+            "supervision and error semantics)"
+        )
+
+
+_BRANCH = "branch inside a task, or return a pipeline from a task"
+
+
+def _operator(symbol: str) -> Callable[..., NoReturn]:
+    def op(self: Node, *other: Any) -> NoReturn:
+        _misuse(self, f"with the operator {symbol}", "compute it inside a task")
+
+    return op
+
+
+for _name, _symbol in {
+    "add": "+",
+    "sub": "-",
+    "mul": "*",
+    "truediv": "/",
+    "floordiv": "//",
+    "mod": "%",
+    "pow": "**",
+    "matmul": "@",
+    "and": "&",
+    "or": "|",
+    "xor": "^",
+    "lshift": "<<",
+    "rshift": ">>",
+}.items():
+    setattr(Node, f"__{_name}__", _operator(_symbol))
+    setattr(Node, f"__r{_name}__", _operator(_symbol))
+for _name, _symbol in {"lt": "<", "le": "<=", "gt": ">", "ge": ">="}.items():
+    setattr(Node, f"__{_name}__", _operator(_symbol))
+for _name, _symbol in {"neg": "unary -", "pos": "unary +", "invert": "~", "abs": "abs()"}.items():
+    setattr(Node, f"__{_name}__", _operator(_symbol))
+
+
+def _misuse(node: Node, how: str, fix: str) -> NoReturn:
+    owner = node._name if node._name != INPUT else "the flow's parameter"
+    raise GraphError(
+        f"a Node (the output of {owner!r}) was used {how}; a Node is a placeholder for a "
+        f"value computed at run time, not the value itself: {fix}"
+    )
+
+
+class _Tracer:
+    """Records task calls made while a flow function runs, as node specs."""
+
+    def __init__(self, flow_name: str) -> None:
+        self.flow_name = flow_name
+        self.specs: dict[str, NodeSpec] = {}
+        self.counts: dict[str, int] = {}
+
+    def call(self, t: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Node:
+        after_arg = kwargs.pop("after", None)
+        name = self._name_for(t.name)
+        deps: list[str] = []
+        arg_t = tuple(self._template(a, deps, name, direct=True) for a in args)
+        kw_t = tuple((k, self._template(v, deps, name, direct=True)) for k, v in kwargs.items())
+        after = self._after(after_arg, name)
+        self.specs[name] = NodeSpec(name, t, tuple(deps), after, Binding(arg_t, kw_t))
+        return Node(self, name)
+
+    def map_call(
+        self,
+        t: Task[Any, Any],
+        items: Any,
+        max_parallelism: int,
+        return_exceptions: bool,
+        after_arg: Any,
+    ) -> Node:
+        name = self._name_for(t.name)
+        deps: list[str] = []
+        template = self._template(items, deps, name, direct=True)
+        after = self._after(after_arg, name)
+        binding = Binding(
+            (template,),
+            map_over=True,
+            max_parallelism=max_parallelism,
+            return_exceptions=return_exceptions,
+        )
+        self.specs[name] = NodeSpec(name, t, tuple(deps), after, binding)
+        return Node(self, name)
+
+    def _name_for(self, base: str) -> str:
+        n = self.counts.get(base, 0) + 1
+        self.counts[base] = n
+        name = base if n == 1 else f"{base}_{n}"
+        while name in self.specs:  # a task literally named "x_2" next to "x" used twice
+            n += 1
+            self.counts[base] = n
+            name = f"{base}_{n}"
+        return name
+
+    def _after(self, after_arg: Any, name: str) -> tuple[str, ...]:
+        if after_arg is None:
+            return ()
+        items = [after_arg] if isinstance(after_arg, Node) else list(after_arg)
+        out: list[str] = []
+        for item in items:
+            if not isinstance(item, Node):
+                raise GraphError(
+                    f"task {name!r}: after= takes Nodes (outputs of tasks in this flow), "
+                    f"got {item!r}"
+                )
+            self._own(item, name)
+            if item._name not in out:
+                out.append(item._name)
+        return tuple(out)
+
+    def _own(self, node: Node, name: str) -> None:
+        if node._tracer is not self:
+            raise GraphError(
+                f"task {name!r} in flow {self.flow_name!r} received {node!r}, a Node of "
+                "another flow; pass values between flows as arguments"
+            )
+
+    def _template(self, value: Any, deps: list[str], name: str, *, direct: bool) -> Any:
+        if isinstance(value, Node):
+            self._own(value, name)
+            if value._name not in deps:
+                deps.append(value._name)
+            return Ref(deps.index(value._name), value._path)
+        if isinstance(value, list | tuple) and type(value) in (list, tuple):
+            items = tuple(self._template(v, deps, name, direct=False) for v in value)
+            if any(_has_ref(i) for i in items):
+                return Gather("list" if isinstance(value, list) else "tuple", items)
+            return value
+        if type(value) is dict:
+            pairs = []
+            for k, v in value.items():
+                if isinstance(k, Node):
+                    raise GraphError(
+                        f"task {name!r}: a Node cannot be a dict key; use it as a value"
+                    )
+                pairs.append((k, self._template(v, deps, name, direct=False)))
+            if any(_has_ref(v) for _, v in pairs):
+                return Gather("dict", tuple(pairs))
+            return value
+        if isinstance(value, Flow):
+            raise GraphError(
+                f"task {name!r} received the flow {value.name!r} itself; call it or pass a value"
+            )
+        return value
+
+
+def _has_ref(template: Any) -> bool:
+    if isinstance(template, Ref):
+        return True
+    if isinstance(template, Gather):
+        if template.kind == "dict":
+            return any(_has_ref(v) for _, v in template.items)
+        return any(_has_ref(v) for v in template.items)
+    return False
+
+
+def _output_template(value: Any, tracer: _Tracer, flow_name: str) -> Any:
+    if isinstance(value, Node):
+        tracer._own(value, flow_name)
+        return _OutRef(value._name, value._path)
+    if type(value) in (list, tuple):
+        items = tuple(_output_template(v, tracer, flow_name) for v in value)
+        if any(_has_out(i) for i in items):
+            return Gather("list" if isinstance(value, list) else "tuple", items)
+        return value
+    if type(value) is dict:
+        pairs = tuple((k, _output_template(v, tracer, flow_name)) for k, v in value.items())
+        if any(_has_out(v) for _, v in pairs):
+            return Gather("dict", pairs)
+        return value
+    return value
+
+
+def _has_out(template: Any) -> bool:
+    if isinstance(template, _OutRef):
+        return True
+    if isinstance(template, Gather):
+        if template.kind == "dict":
+            return any(_has_out(v) for _, v in template.items)
+        return any(_has_out(v) for v in template.items)
+    return False
+
+
+class Flow(Generic[P, R]):
+    """A graph traced from a function by :func:`flow`.
+
+    Example::
+
+        @af.flow
+        def analysis(url):
+            raw = fetch(url)
+            return build_report(premium(raw), standard(raw))
+
+        analysis.run("http://x")
+        analysis.graph.to_mermaid()
+        with analysis.start() as running:
+            running.submit("http://y").result()
+    """
+
+    def __init__(self, fn: Callable[P, R], *, name: str | None = None) -> None:
+        self.fn = fn
+        self._graph: Graph | None = None
+        functools.update_wrapper(self, fn)
+        self.name: str = name or getattr(fn, "__name__", None) or "flow"
+
+    @property
+    def graph(self) -> Graph:
+        """The traced, validated :class:`Graph` (traced on first use, then cached)."""
+        if self._graph is None:
+            graph = self._trace()
+            graph.validate()
+            self._graph = graph
+        return self._graph
+
+    def _trace(self) -> Graph:
+        sig = inspect.signature(self.fn)
+        params = list(sig.parameters.values())
+        for p in params:
+            if p.name in _RESERVED:
+                raise GraphError(
+                    f"flow {self.name!r} has a parameter named {p.name!r}, which is reserved "
+                    f"for run options ({', '.join(_RESERVED)}); rename the parameter"
+                )
+            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                raise GraphError(
+                    f"flow {self.name!r} takes *{p.name}: a flow's parameters must be named; "
+                    "pass a list as one parameter instead"
+                )
+        tracer = _Tracer(self.name)
+        if len(params) == 1:
+            placeholders = [Node(tracer, INPUT)]
+        else:
+            placeholders = [Node(tracer, INPUT, (i,)) for i in range(len(params))]
+        previous = _trace.push(tracer)
+        try:
+            result = self.fn(*placeholders)  # type: ignore[call-arg, arg-type]
+        finally:
+            _trace.pop(previous)
+        graph = Graph(self.name)
+        graph._specs = tracer.specs
+        graph._output = _output_template(result, tracer, self.name)
+        graph._entry = EntrySpec("params", sig, len(params))
+        if not tracer.specs:
+            raise GraphError(
+                f"flow {self.name!r} calls no task; decorate the functions it calls with @af.task"
+            )
+        return graph
+
+    def run(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run the flow once on these arguments; return its output or raise ``af.RunFailed``.
+
+        Run options are keyword-only: ``run_id`` (others are refused until
+        their issue lands).
+
+        Example::
+
+            analysis.run("http://x", run_id="nightly-1")
+        """
+        from actorflow.runtime.running import run_once
+
+        run_id: Any = kwargs.pop("run_id", None)
+        opts = {k: kwargs.pop(k) for k in list(kwargs) if k in _RESERVED}
+        opts.pop("max_in_flight", None)
+        _refuse_later_options(opts)
+        return run_once(self.graph, args, kwargs, run_id=run_id)  # type: ignore[no-any-return]
+
+    def start(
+        self, *, max_in_flight: int = 1024, run_id: str | None = None, **opts: Any
+    ) -> RunningFlow:
+        """Start the flow as a long-lived graph; use it as a context manager.
+
+        Example::
+
+            with analysis.start(max_in_flight=1_000) as running:
+                fut = running.submit("http://a")
+                for out in running.map(urls): ...
+        """
+        return self.graph.start(max_in_flight=max_in_flight, run_id=run_id, **opts)
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Call the flow as a plain function (outside a flow: tasks run directly).
+
+        Inside another flow, nested sub-flows are not implemented yet and are refused.
+        """
+        if _trace.depth and _trace.current() is not None:
+            raise GraphError(
+                f"flow {self.name!r} was called inside another flow: nested sub-flows are "
+                "not implemented yet; call its tasks directly in the outer flow for now"
+            )
+        return self.fn(*args, **kwargs)
+
+    def on_failure(self, handler: Any) -> NoReturn:
+        """Register an alerting hook (arrives with issue 3: supervision)."""
+        raise GraphError(
+            f"flow {self.name!r}: on_failure() is not implemented yet (issue 3: supervision)"
+        )
+
+    def __repr__(self) -> str:
+        return f"<af.flow {self.name!r}>"
+
+
+@overload
+def flow(fn: Callable[P, R], /) -> Flow[P, R]: ...
+
+
+@overload
+def flow(
+    fn: None = None, /, *, name: str | None = None, finally_do: Any = None
+) -> Callable[[Callable[P, R]], Flow[P, R]]: ...
+
+
+def flow(
+    fn: Callable[P, R] | None = None,
+    /,
+    *,
+    name: str | None = None,
+    finally_do: Any = None,
+) -> Flow[P, R] | Callable[[Callable[P, R]], Flow[P, R]]:
+    """Turn a function that calls tasks into a dataflow graph.
+
+    Independent calls become parallel nodes; a node fires once all its inputs
+    have arrived. A list / tuple / dict of Nodes passed as an argument is
+    gathered (fan-in). ``after=[node, ...]`` on a task call orders without
+    passing data. Return any nesting of Nodes and constants.
+
+    Example::
+
+        @af.flow
+        def analysis(url):
+            raw = fetch(url)
+            a, b = premium(raw), standard(raw)     # run in parallel
+            report = build_report(a, b)            # fires when both arrived
+            audit(raw, after=[report])             # ordering without data
+            return {"report": report}
+
+        analysis.run("http://x")                   # -> {"report": ...}
+    """
+    if finally_do is not None:
+        raise GraphError(
+            "flow option finally_do= is not implemented yet (issue 3: supervision and error "
+            "semantics); remove it for now"
+        )
+
+    def wrap(f: Callable[P, R]) -> Flow[P, R]:
+        return Flow(f, name=name)
+
+    if fn is not None:
+        return wrap(fn)
+    return wrap
+
+
+def map(
+    fn: Callable[..., R],
+    items: Iterable[Any],
+    *,
+    max_parallelism: int | None = None,
+    return_exceptions: bool = False,
+    after: Any = None,
+) -> list[R]:
+    """Dynamic fan-out: call ``fn`` on every element of ``items``; returns the list.
+
+    Inside a flow, ``items`` is usually a Node whose value is a list known only
+    at run time; the result is a Node of the list of results, in order. Up to
+    ``max_parallelism`` calls run at once (default ``min(32, cores + 4)``). A
+    failing element fails the node with every element failure, unless
+    ``return_exceptions=True``, which puts each exception in its place.
+    Outside a flow it is a plain sequential map.
+
+    Example::
+
+        @af.flow
+        def totals(path):
+            parts = af.map(process, split(path), max_parallelism=4)
+            return aggregate(parts)
+    """
+    t = as_task(fn)
+    parallelism = _DEFAULT_MAP_PARALLELISM if max_parallelism is None else max_parallelism
+    if not isinstance(parallelism, int) or parallelism < 1:
+        raise GraphError(
+            f"af.map({t.name}): max_parallelism must be an int >= 1, got {max_parallelism!r}"
+        )
+    if _trace.depth:
+        tracer = _trace.current()
+        if tracer is not None:
+            return tracer.map_call(  # type: ignore[no-any-return]
+                t, items, parallelism, return_exceptions, after
+            )
+    if isinstance(items, Node):
+        raise GraphError("af.map received a Node outside the flow that traced it")
+    out: list[Any] = []
+    for item in items:
+        try:
+            out.append(t(item))
+        except Exception as exc:
+            if not return_exceptions:
+                raise
+            out.append(exc)
+    return out

@@ -1,0 +1,471 @@
+"""The Graph IR: nodes, edges, bindings, validation and topological order.
+
+A :class:`Graph` is a description, separate from execution. Traced flows
+(:func:`actorflow.flow`) compile to it; the explicit builder
+(``Graph(name).add(...)``) writes it directly. It is validated once, when it is
+first used (``.nodes`` of a flow, ``run``, ``start``, ``to_mermaid``), before
+any actor starts, and the validated form is cached until the next ``add``.
+
+How a node's call is built from its inputs is a *binding*: a template of the
+call's positional and keyword arguments in which :class:`Ref` stands for the
+value of one data dependency (optionally indexed by a path, for ``node[k]``)
+and :class:`Gather` for a list / tuple / dict of such values. A gather omits
+skipped elements; a direct reference to a skipped value skips the node.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from inspect import CO_VARARGS
+from types import FunctionType
+from typing import TYPE_CHECKING, Any, Literal
+
+from actorflow.errors import GraphError
+from actorflow.task import Task, as_task
+
+if TYPE_CHECKING:
+    from actorflow.runtime.running import RunningFlow
+
+__all__ = ["INPUT", "Binding", "Gather", "Graph", "NodeSpec", "Ref"]
+
+INPUT = "<input>"
+"""Name of the pseudo-node that carries an item's arguments into the graph."""
+
+_RESERVED = ("store", "run_id", "processes", "max_in_flight", "backend")
+
+
+@dataclass(frozen=True, slots=True)
+class Ref:
+    """The value of data dependency number ``dep`` of a node, indexed by ``path``."""
+
+    dep: int
+    path: tuple[Any, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Gather:
+    """A list, tuple or dict built from templates; skipped elements are omitted."""
+
+    kind: Literal["list", "tuple", "dict"]
+    items: tuple[Any, ...]  # templates; for dicts, (key, template) pairs
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    """How a node's call arguments are built from its dependency values.
+
+    ``passthrough`` (builder roots): called with the run's own arguments.
+    ``map_over`` (``af.map``): the node calls its task once per element of the
+    single argument, up to ``max_parallelism`` at once.
+    """
+
+    args: tuple[Any, ...] = ()
+    kwargs: tuple[tuple[str, Any], ...] = ()
+    passthrough: bool = False
+    map_over: bool = False
+    max_parallelism: int = 1
+    return_exceptions: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSpec:
+    """One node of a graph: a task, its data dependencies, ordering dependencies and binding.
+
+    ``deps`` are the names of the nodes whose outputs feed the call (``INPUT``
+    for the run's arguments), in the order :class:`Ref` indexes them;
+    ``after`` are names this node only waits for.
+
+    Example::
+
+        spec = flow.graph.nodes[0]
+        spec.name, spec.task, spec.deps, spec.after
+    """
+
+    name: str
+    task: Task[Any, Any]
+    deps: tuple[str, ...] = ()
+    after: tuple[str, ...] = ()
+    binding: Binding = field(default_factory=Binding)
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """Every node this one waits for: data deps, then ``after`` deps not already there."""
+        extra = tuple(a for a in self.after if a not in self.deps)
+        return self.deps + extra
+
+
+class Graph:
+    """A dataflow graph: the IR that traced flows compile to, and an explicit builder.
+
+    ``add(name, fn, depends_on=[...], after=[...])`` adds a node. Outputs of
+    ``depends_on`` are passed positionally in list order; ``after`` only
+    orders. Root nodes receive the run's arguments if they take parameters,
+    none otherwise. ``run()`` returns a dict of the outputs of the nodes nothing
+    depends on (by data or by ``after``); a skipped output is ``af.SKIP``.
+    Forward references are allowed: names are checked when the graph is first
+    run, started or drawn.
+
+    Example::
+
+        g = af.Graph("etl")
+        g.add("extract", extract)
+        g.add("transform", transform, depends_on=["extract"])
+        g.add("load", load, depends_on=["transform"])
+        g.run()                 # -> {"load": ...}
+        print(g.to_mermaid())
+        with g.start() as running:
+            running.submit().result()
+    """
+
+    def __init__(self, name: str = "graph") -> None:
+        self.name = name
+        self._specs: dict[str, NodeSpec] = {}
+        self._output: Any = None  # template over node names; None: dict of leaves
+        self._entry: EntrySpec = EntrySpec.passthrough()
+        self._validated: _Validated | None = None
+        self._stream_shaped = False
+
+    # -- building ------------------------------------------------------------
+    def add(
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        depends_on: Iterable[str] = (),
+        after: Iterable[str] = (),
+    ) -> Graph:
+        """Add node ``name`` running ``fn`` (a task or any callable); returns the graph.
+
+        Example::
+
+            g.add("transform", transform, depends_on=["extract"], after=["audit"])
+        """
+        if not isinstance(name, str) or not name:
+            raise GraphError(f"graph {self.name!r}: a node name must be a non-empty string")
+        if name in self._specs:
+            raise GraphError(
+                f"graph {self.name!r} already has a node {name!r}; node names are unique "
+                "per graph: pick another name"
+            )
+        if name == INPUT:
+            raise GraphError(f"graph {self.name!r}: {INPUT!r} is reserved")
+        if isinstance(depends_on, str) or isinstance(after, str):
+            raise GraphError(
+                f"task {name!r}: depends_on and after take a list of names, "
+                f"e.g. depends_on=[{depends_on!r}]"
+            )
+        t = as_task(fn)
+        deps = tuple(depends_on)
+        if len(set(deps)) != len(deps):
+            raise GraphError(f"task {name!r} lists a dependency twice in depends_on={deps!r}")
+        if deps:
+            binding = Binding(args=tuple(Ref(i) for i in range(len(deps))))
+        else:
+            # a node without data dependencies receives the run's arguments,
+            # whether or not it also waits (after=) for other nodes
+            deps = (INPUT,)
+            binding = Binding(passthrough=True)
+        self._specs[name] = NodeSpec(name, t, deps, tuple(after), binding)
+        self._validated = None
+        return self
+
+    # -- inspection ----------------------------------------------------------
+    @property
+    def nodes(self) -> tuple[NodeSpec, ...]:
+        """The node specs (``.name``, ``.task``, ``.deps``, ``.after``), in insertion order."""
+        return tuple(self._specs.values())
+
+    @property
+    def edges(self) -> tuple[tuple[str, str], ...]:
+        """``(src_name, dst_name)`` for every data and ``after`` edge between nodes."""
+        out: list[tuple[str, str]] = []
+        for spec in self._specs.values():
+            out.extend((src, spec.name) for src in spec.inputs if src != INPUT)
+        return tuple(out)
+
+    def to_mermaid(self) -> str:
+        """The graph as a Mermaid flowchart (edges ``-->``; ordering-only edges labelled).
+
+        Example::
+
+            print(flow.graph.to_mermaid())
+        """
+        self.validate()
+        ids = {name: f"n{i}" for i, name in enumerate(self._specs)}
+        lines = ["flowchart TD"]
+        lines.extend(f'    {ids[name]}["{_escape(name)}"]' for name in self._specs)
+        for spec in self._specs.values():
+            lines.extend(
+                f"    {ids[src]} --> {ids[spec.name]}" for src in spec.deps if src != INPUT
+            )
+            lines.extend(
+                f"    {ids[src]} -->|after| {ids[spec.name]}"
+                for src in spec.after
+                if src not in spec.deps
+            )
+        return "\n".join(lines)
+
+    def to_dot(self) -> str:
+        """The graph in Graphviz DOT (edges ``->``; ordering-only edges dashed).
+
+        Example::
+
+            Path("g.dot").write_text(flow.graph.to_dot())
+        """
+        self.validate()
+        lines = [f"digraph {_dot_id(self.name)} {{", "    rankdir=TB;"]
+        lines.extend(f"    {_dot_id(name)};" for name in self._specs)
+        for spec in self._specs.values():
+            lines.extend(
+                f"    {_dot_id(src)} -> {_dot_id(spec.name)};" for src in spec.deps if src != INPUT
+            )
+            lines.extend(
+                f"    {_dot_id(src)} -> {_dot_id(spec.name)} [style=dashed];"
+                for src in spec.after
+                if src not in spec.deps
+            )
+        lines.append("}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"<af.Graph {self.name!r}: {len(self._specs)} nodes>"
+
+    # -- validation ----------------------------------------------------------
+    def validate(self) -> _Validated:
+        """Check the graph (names, cycles, arity) and return its validated form.
+
+        Called by ``run``, ``start``, ``to_mermaid`` and ``to_dot``; raises
+        :class:`~actorflow.GraphError` naming the culprit.
+        """
+        if self._validated is not None:
+            return self._validated
+        specs = self._specs
+        if not specs:
+            raise GraphError(f"graph {self.name!r} has no nodes; add at least one task")
+        known = ", ".join(repr(n) for n in list(specs)[:20])
+        for spec in specs.values():
+            for kind, names in (("depends on", spec.deps), ("runs after", spec.after)):
+                for dep in names:
+                    if dep != INPUT and dep not in specs:
+                        raise GraphError(
+                            f"task {spec.name!r} {kind} {dep!r}, but graph {self.name!r} "
+                            f"has no node {dep!r}; known nodes: {known}"
+                        )
+        order = _topological_order(self.name, specs)
+        for spec in specs.values():
+            _check_arity(self.name, spec)
+        consumers: dict[str, list[str]] = {name: [] for name in specs}
+        for spec in specs.values():
+            for src in spec.inputs:
+                if src != INPUT:
+                    consumers[src].append(spec.name)
+        leaves = tuple(name for name in order if not consumers[name])
+        output = self._output
+        if output is None:
+            output = Gather("dict", tuple((name, _OutRef(name)) for name in leaves))
+            output_names: tuple[str, ...] = leaves
+        else:
+            output_names = tuple(_template_names(output))
+        self._validated = _Validated(
+            order=tuple(order),
+            consumers={k: tuple(v) for k, v in consumers.items()},
+            leaves=leaves,
+            output=output,
+            output_names=output_names,
+            entry=self._entry,
+        )
+        return self._validated
+
+    # -- running -------------------------------------------------------------
+    def run(self, *args: Any, run_id: str | None = None, **kwargs: Any) -> Any:
+        """Run the graph once with these arguments and return its output.
+
+        Raises :class:`~actorflow.RunFailed` when a task failed. Run options
+        are keyword-only: ``run_id``; ``store``, ``processes`` and ``backend``
+        are refused until their issues land.
+
+        Example::
+
+            g.run("input.csv")   # -> {"load": ...}
+        """
+        from actorflow.runtime.running import run_once
+
+        opts, kwargs = _split_run_options(kwargs)
+        return run_once(self, args, kwargs, run_id=run_id, **opts)
+
+    def start(
+        self, *, max_in_flight: int = 1024, run_id: str | None = None, **opts: Any
+    ) -> RunningFlow:
+        """Start the graph as a long-lived running flow (a context manager).
+
+        Example::
+
+            with g.start(max_in_flight=100) as running:
+                fut = running.submit(x)
+                for out in running.map(xs): ...
+        """
+        from actorflow.runtime.running import RunningFlow
+
+        _refuse_later_options(opts)
+        return RunningFlow(self, max_in_flight=max_in_flight, run_id=run_id)
+
+
+@dataclass(frozen=True, slots=True)
+class EntrySpec:
+    """How the arguments of ``submit`` / ``map`` / ``run`` become an item's input value.
+
+    ``passthrough``: the value is ``(args, kwargs)`` (builder graphs).
+    Otherwise the flow has ``params`` positional parameters; with one
+    parameter the value is the argument itself, else a tuple of them.
+    """
+
+    mode: Literal["passthrough", "params"]
+    signature: inspect.Signature | None = None
+    n_params: int = 0
+
+    @classmethod
+    def passthrough(cls) -> EntrySpec:
+        return cls("passthrough")
+
+
+@dataclass(frozen=True, slots=True)
+class _Validated:
+    order: tuple[str, ...]
+    consumers: Mapping[str, tuple[str, ...]]
+    leaves: tuple[str, ...]
+    output: Any
+    output_names: tuple[str, ...]
+    entry: EntrySpec
+
+
+def _template_names(template: Any) -> Iterable[str]:
+    """Names of the nodes an output template refers to."""
+    if isinstance(template, Gather):
+        for item in template.items:
+            yield from _template_names(item[1] if template.kind == "dict" else item)
+    elif isinstance(template, _OutRef):
+        yield template.name
+
+
+@dataclass(frozen=True, slots=True)
+class _OutRef:
+    """In a flow's output template: the value of node ``name`` indexed by ``path``."""
+
+    name: str
+    path: tuple[Any, ...] = ()
+
+
+def _topological_order(graph: str, specs: Mapping[str, NodeSpec]) -> list[str]:
+    """Kahn's algorithm; on a cycle, raise GraphError printing the cycle path."""
+    indegree = dict.fromkeys(specs, 0)
+    children: dict[str, list[str]] = {name: [] for name in specs}
+    for spec in specs.values():
+        for src in spec.inputs:
+            if src != INPUT:
+                indegree[spec.name] += 1
+                children[src].append(spec.name)
+    ready = [name for name, d in indegree.items() if d == 0]
+    order: list[str] = []
+    while ready:
+        name = ready.pop(0)
+        order.append(name)
+        for child in children[name]:
+            indegree[child] -= 1
+            if indegree[child] == 0:
+                ready.append(child)
+    if len(order) != len(specs):
+        cycle = _find_cycle(specs, {n for n, d in indegree.items() if d > 0})
+        path = " -> ".join(repr(n) for n in cycle)
+        raise GraphError(
+            f"graph {graph!r} has a cycle: {path}; a dataflow graph must be acyclic: "
+            "remove one of these dependencies"
+        )
+    return order
+
+
+def _find_cycle(specs: Mapping[str, NodeSpec], candidates: set[str]) -> list[str]:
+    # Walk backwards along inputs inside the unresolved set until a node repeats.
+    start = sorted(candidates)[0]
+    seen: dict[str, int] = {}
+    path: list[str] = []
+    node = start
+    while node not in seen:
+        seen[node] = len(path)
+        path.append(node)
+        node = next(src for src in specs[node].inputs if src in candidates)
+    cycle = path[seen[node] :]
+    cycle.reverse()  # follow edge direction: src -> dst
+    order = {name: i for i, name in enumerate(specs)}
+    first = min(range(len(cycle)), key=lambda i: order[cycle[i]])
+    cycle = cycle[first:] + cycle[:first]  # start at the node added first
+    return [*cycle, cycle[0]]
+
+
+def _fits_positionally(fn: Any, n: int) -> bool:
+    """Fast check, from the code object, that a plain function accepts ``n`` positional args."""
+    code = getattr(fn, "__code__", None)
+    if code is None or not isinstance(fn, FunctionType):
+        return False
+    if code.co_kwonlyargcount and len(fn.__kwdefaults__ or ()) < code.co_kwonlyargcount:
+        return False  # a required keyword-only parameter: let inspect explain
+    required = code.co_argcount - len(fn.__defaults__ or ())
+    if n < required:
+        return False
+    return n <= code.co_argcount or bool(code.co_flags & CO_VARARGS)
+
+
+def _check_arity(graph: str, spec: NodeSpec) -> None:
+    t = spec.task
+    b = spec.binding
+    if b.passthrough:
+        return  # root of a builder graph: bound against the run's arguments at run time
+    args: tuple[Any, ...] = b.args
+    kwargs = dict(b.kwargs)
+    if b.map_over:
+        args, kwargs = (None,), {}
+    if not kwargs and not t.is_class and _fits_positionally(t.fn, len(args)):
+        return
+    sig = t.signature()
+    try:
+        sig.bind(*args, **kwargs)
+    except TypeError as exc:
+        shown = ", ".join(
+            [*("<input>" for _ in args), *(f"{k}=<input>" for k in kwargs)],
+        )
+        raise GraphError(
+            f"task {spec.name!r} in graph {graph!r} cannot be called as "
+            f"{t.name}({shown}): {exc}; its signature is {t.name}{sig}"
+        ) from None
+
+
+def _escape(name: str) -> str:
+    return name.replace('"', "#quot;")
+
+
+def _dot_id(name: str) -> str:
+    escaped = name.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+def _refuse_later_options(opts: Mapping[str, Any]) -> None:
+    later = {
+        "store": "the durable store",
+        "processes": "the worker-process pool (issue 4)",
+        "backend": "other backends (Ray)",
+    }
+    for key in opts:
+        if key in later:
+            raise GraphError(
+                f"run option {key}= is not implemented yet ({later[key]}); remove it for now"
+            )
+        raise TypeError(f"unknown run option {key!r}")
+
+
+def _split_run_options(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    opts = {k: kwargs.pop(k) for k in list(kwargs) if k in _RESERVED}
+    if "max_in_flight" in opts:
+        opts.pop("max_in_flight")  # meaningless for one item; accepted for symmetry
+    _refuse_later_options({k: v for k, v in opts.items() if k != "run_id"})
+    opts.pop("run_id", None)
+    return opts, kwargs

@@ -1,0 +1,1 @@
+"""Observability: structured events and metrics."""

@@ -1,0 +1,341 @@
+"""Pykka actors as hosts: the threads that run node state machines.
+
+Every node is a logical actor (a :class:`~actorflow.runtime.node.Segment`
+with its own mailbox and state); the threads that run them are pykka actors
+acting as *hosts*, pooled per run, as Akka actors run on a dispatcher's
+threads. A ready segment runs on any idle host; when none is idle it waits in
+the run's ready queue, which every host drains when it finishes a job.
+
+The pool is elastic. It starts with no host: the first job starts one. A
+*watcher* (the caller's thread during ``run()``, a supervisor thread for a
+started graph) checks, while jobs are waiting, that hosts keep taking them;
+when no host has taken a job for ``stall_s`` (every host is blocked in a
+task: a sleep, IO), it starts one host per waiting job, up to ``max_hosts``.
+So a blocking call takes a thread, not the graph, while a graph of quick
+tasks runs on a single host and pays for no thread it does not need
+(starting a thread costs ~0.1-0.4 ms). Idle hosts beyond ``keep_idle`` retire.
+
+No exception ever reaches pykka's own failure handling (which would stop the
+actor, and for a ``BaseException`` call pykka's process-global ``stop_all``):
+a host catches everything and reports it to the pool's ``on_fatal``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import pykka
+
+__all__ = ["HostPool", "Job"]
+
+_DEFAULT_MAX_HOSTS = max(64, min(32, (os.cpu_count() or 1) + 4))
+
+
+class Job(Protocol):
+    """Anything a host can run: a segment, or a slice of a parallel map."""
+
+    def run(self) -> None: ...
+
+
+class ActorflowHost(pykka.ThreadingActor):
+    """A pykka actor that runs jobs handed to it by its pool."""
+
+    use_daemon_thread = False
+
+    def __init__(self, pool: HostPool) -> None:
+        super().__init__()
+        self.pool = pool
+
+    def on_start(self) -> None:
+        self.pool._register_thread(threading.current_thread())
+
+    def on_stop(self) -> None:
+        self.pool._unregister_clock(threading.get_ident())
+
+    def on_receive(self, message: Any) -> None:
+        try:
+            self.pool._work(self.actor_ref, message)
+        except BaseException as exc:  # never let anything reach pykka
+            self.pool._report_fatal(exc)
+
+
+class HostPool:
+    """An elastic pool of pykka host actors, scoped to one run.
+
+    Example::
+
+        pool = HostPool("r1", on_fatal=print)
+        pool.schedule(segment)        # some host runs segment.run()
+        pool.wait(future.done)        # the caller watches the pool while it waits
+        pool.shutdown()               # stops and joins every host thread
+    """
+
+    def __init__(
+        self,
+        run_id: str,
+        on_fatal: Callable[[BaseException], None],
+        *,
+        max_hosts: int = _DEFAULT_MAX_HOSTS,
+        keep_idle: int = 2,
+        stall_s: float = 0.002,
+        watcher_thread: bool = True,
+    ) -> None:
+        self.run_id = run_id
+        self.on_fatal = on_fatal
+        self.max_hosts = max_hosts
+        self.keep_idle = keep_idle
+        self.stall_s = stall_s
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
+        self.ready: deque[Job] = deque()
+        self.idle: list[pykka.ActorRef[Any]] = []
+        self.n_hosts = 0
+        self.started_hosts = 0
+        self.taken = 0  # jobs taken from the ready queue: progress, for the watcher
+        self.threads: list[threading.Thread] = []
+        self.clocks: dict[int, int] = {}  # host thread ident -> its CPU-time clock id
+        self.closed = False
+        self._use_watcher_thread = watcher_thread
+        self._watcher: threading.Thread | None = None
+        self._refs: list[pykka.ActorRef[Any]] = []
+
+    # -- scheduling ------------------------------------------------------------
+    def schedule(self, job: Job) -> None:
+        """Run ``job.run()`` on an idle host, or queue it for the next free one."""
+        spawn = False
+        with self.lock:
+            if self.closed:
+                return
+            if self.idle:
+                host = self.idle.pop()
+            else:
+                host = None
+                self.ready.append(job)
+                if self.n_hosts == 0:
+                    spawn = True
+                    self.n_hosts += 1
+                elif len(self.ready) == 1:
+                    if self._use_watcher_thread and self._watcher is None:
+                        self._start_watcher()
+                    self.cond.notify_all()
+        if host is not None:
+            host.tell(job)
+        elif spawn:
+            self._spawn_one()
+
+    def _spawn_one(self) -> None:
+        # n_hosts was already counted by the caller, under the lock
+        ref = ActorflowHost.start(self)
+        with self.lock:
+            self._refs.append(ref)
+            self.started_hosts += 1
+            job = self.ready.popleft() if self.ready else None
+            if job is None:
+                self.idle.append(ref)
+            else:
+                self.taken += 1
+        if job is not None:
+            ref.tell(job)
+
+    def _work(self, ref: pykka.ActorRef[Any], job: Job) -> None:
+        while True:
+            job.run()
+            with self.lock:
+                if self.ready and not self.closed:
+                    job = self.ready.popleft()
+                    self.taken += 1
+                    continue
+                if len(self.idle) >= self.keep_idle and not self.closed:
+                    self.n_hosts -= 1  # retire: enough idle hosts already
+                    retire = True
+                else:
+                    self.idle.append(ref)
+                    retire = False
+                self.cond.notify_all()
+            if retire:
+                ref.stop(block=False)  # processed after this message: the thread then exits
+            return
+
+    # -- watching --------------------------------------------------------------
+    def _cpu_ns(self) -> int:
+        """CPU time consumed so far by the pool's live host threads, in ns."""
+        total = 0
+        for clock in list(self.clocks.values()):
+            try:
+                total += time.clock_gettime_ns(clock)
+            except OSError:  # the thread has exited
+                pass
+        return total
+
+    def _watch_step(self, mark: tuple[int, int]) -> tuple[int, int]:
+        """Under the lock: start hosts if the backlog stalled; return the new progress mark.
+
+        Stalled means: jobs are waiting, no host took one during the last
+        window, and the hosts together used under a quarter of the window's
+        CPU time, so they are blocked (sleep, IO, a lock), not busy computing
+        (more threads would not help a busy host under the GIL).
+        """
+        taken, cpu = self.taken, self._cpu_ns()
+        if (
+            self.ready
+            and taken == mark[0]
+            and cpu - mark[1] < self.stall_s * 0.25e9
+            and not self.closed
+        ):
+            n = min(len(self.ready), self.max_hosts - self.n_hosts)
+            if n > 0:
+                self.n_hosts += n
+                self.lock.release()
+                try:
+                    for _ in range(n):
+                        self._spawn_one()
+                finally:
+                    self.lock.acquire()
+            return self.taken, self._cpu_ns()
+        return taken, cpu
+
+    def wait(self, predicate: Callable[[], bool]) -> None:
+        """Block until ``predicate()`` is true, watching the pool meanwhile.
+
+        The predicate is re-checked whenever the pool notifies (a host went
+        idle, a job was queued) or ``notify()`` is called.
+        """
+        with self.lock:
+            mark = (self.taken, self._cpu_ns())
+            while not predicate():
+                self.cond.wait(self.stall_s if self.ready else None)
+                mark = self._watch_step(mark)
+
+    def notify(self) -> None:
+        """Wake whoever waits in :meth:`wait` (e.g. an item completed)."""
+        with self.lock:
+            self.cond.notify_all()
+
+    def _start_watcher(self) -> None:
+        # under the lock
+        self._watcher = threading.Thread(
+            target=self._watch_loop, name=f"actorflow-supervisor-{self.run_id}", daemon=False
+        )
+        self._watcher.start()
+
+    def _watch_loop(self) -> None:
+        with self.lock:
+            mark = (self.taken, self._cpu_ns())
+            while not self.closed:
+                self.cond.wait(self.stall_s if self.ready else None)
+                mark = self._watch_step(mark)
+
+    # -- failures and shutdown ---------------------------------------------------
+    def _register_thread(self, thread: threading.Thread) -> None:
+        # called by the host thread itself: its clock id stays valid (or fails
+        # cleanly with OSError) even after the thread exits
+        clock = time.pthread_getcpuclockid(threading.get_ident())
+        with self.lock:
+            self.threads.append(thread)
+            self.clocks[threading.get_ident()] = clock
+
+    def _unregister_clock(self, ident: int) -> None:
+        with self.lock:
+            self.clocks.pop(ident, None)
+
+    def _report_fatal(self, exc: BaseException) -> None:
+        try:
+            self.on_fatal(exc)
+        finally:
+            self.notify()
+
+    def cancel_queued(self) -> None:
+        """Drop jobs nobody has started (``stop(drain=False)``)."""
+        with self.lock:
+            self.ready.clear()
+
+    def shutdown(self) -> None:
+        """Stop every host and the watcher; join their threads (none remains after)."""
+        with self.lock:
+            self.closed = True
+            self.ready.clear()
+            refs = list(self._refs)
+            self.idle.clear()
+            self.cond.notify_all()
+            watcher = self._watcher
+        futures = []
+        for ref in refs:
+            try:
+                futures.append(ref.stop(block=False))
+            except pykka.ActorDeadError:
+                pass
+        for fut in futures:
+            try:
+                fut.get()
+            except pykka.ActorDeadError:
+                pass
+        if watcher is not None:
+            watcher.join()
+        current = threading.current_thread()
+        for thread in list(self.threads):
+            if thread is not current:
+                thread.join()
+
+    # -- parallel map (af.map) ---------------------------------------------------
+    def map_parallel(
+        self, fn: Callable[[Any], Any], items: list[Any], parallelism: int
+    ) -> list[tuple[bool, Any]]:
+        """Call ``fn`` on every item, up to ``parallelism`` at once, on this pool's hosts.
+
+        The calling host works through the items too, so the call finishes even
+        when no other host is free; returns ``(ok, result_or_exception)`` per item.
+        """
+        n = len(items)
+        results: list[tuple[bool, Any]] = [(False, None)] * n
+        if n == 0:
+            return results
+        state = _MapState(fn, items, results)
+        for _ in range(min(parallelism, n) - 1):
+            self.schedule(state)
+        state.run()
+        state.wait_idle()
+        return results
+
+
+class _MapState:
+    """Shared cursor over a parallel map's items; each runner takes the next index."""
+
+    def __init__(
+        self, fn: Callable[[Any], Any], items: list[Any], results: list[tuple[bool, Any]]
+    ) -> None:
+        self.fn = fn
+        self.items = items
+        self.results = results
+        self.next = 0
+        self.active = 0
+        self.cond = threading.Condition()
+
+    def run(self) -> None:
+        cond = self.cond
+        with cond:
+            self.active += 1
+        try:
+            while True:
+                with cond:
+                    i = self.next
+                    if i >= len(self.items):
+                        return
+                    self.next = i + 1
+                try:
+                    self.results[i] = (True, self.fn(self.items[i]))
+                except Exception as exc:
+                    self.results[i] = (False, exc)
+        finally:
+            with cond:
+                self.active -= 1
+                cond.notify_all()
+
+    def wait_idle(self) -> None:
+        with self.cond:
+            while self.active:
+                self.cond.wait()

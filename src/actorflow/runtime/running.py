@@ -1,0 +1,647 @@
+"""A running graph: entry, sink, futures, ordered map, stream, metrics, shutdown.
+
+``RunningFlow`` is what ``flow.start()`` returns and what ``flow.run()`` uses
+for its single item. Items enter in column-wise batches of contiguous ids; the
+sink joins the outputs of the graph, builds each item's output and hands
+finished id blocks to their *owner*: a future (``submit``), an ordered map, or
+a stream. The number of items in flight is bounded by ``max_in_flight``: a
+producer blocks instead of growing memory, and ``map`` / ``stream`` never read
+more than ``max_in_flight`` items ahead of what the caller has consumed.
+"""
+
+from __future__ import annotations
+
+import bisect
+import concurrent.futures
+import itertools
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from actorflow._markers import SKIP
+from actorflow.errors import ActorflowError, Failure, RunFailed
+from actorflow.graph import EntrySpec
+from actorflow.observe.log import get_logger
+from actorflow.runtime.actors import HostPool
+from actorflow.runtime.node import Failed, Joiner, RunContext, Segment
+from actorflow.runtime.plan import Plan, compile_plan
+
+if TYPE_CHECKING:
+    from actorflow.graph import Graph
+
+__all__ = ["NodeMetrics", "RunningFlow", "run_once"]
+
+_EMPTY: dict[str, Any] = {}
+_MISSING = object()
+_FIRST_CHUNK = 1  # read-ahead chunks start small (first output soon) and double
+_MAX_CHUNK = 512
+
+
+@dataclass(frozen=True, slots=True)
+class NodeMetrics:
+    """Counters and latency of one node of a running graph (``running.metrics()``).
+
+    ``done`` / ``failed`` / ``skipped`` count items; ``retried`` counts retries
+    (always 0 until retries land); ``in_flight`` items being processed now;
+    ``queued`` items waiting for this node (in its mailbox or join);
+    ``p50_s`` / ``p99_s`` the task-call latency over recent calls (the first
+    item of every batch is timed; ``None`` before any call).
+
+    Example::
+
+        m = running.metrics()["parse"]
+        print(m.done, m.failed, m.p50_s)
+    """
+
+    done: int
+    failed: int
+    retried: int
+    skipped: int
+    in_flight: int
+    queued: int
+    p50_s: float | None
+    p99_s: float | None
+
+
+class _Block:
+    """A contiguous block of item ids entered together, and their results."""
+
+    __slots__ = ("n", "owner", "received", "special", "start", "vals")
+
+    def __init__(self, owner: Any, start: int, n: int) -> None:
+        self.owner = owner
+        self.start = start
+        self.n = n
+        self.vals: list[Any] | None = None
+        self.received = 0
+        self.special = False
+
+
+class _FutureOwner:
+    """Owner of a one-item block: resolves a concurrent.futures.Future."""
+
+    __slots__ = ("future", "run_id")
+
+    def __init__(self, run_id: str) -> None:
+        self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self.run_id = run_id
+
+    def block_done(self, block: _Block) -> None:
+        assert block.vals is not None
+        v = block.vals[0]
+        if type(v) is Failed:
+            self.future.set_exception(RunFailed(list(v.failures), self.run_id))
+        else:
+            self.future.set_result(v)
+
+    def abort(self, exc: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)
+
+
+class _QueueOwner:
+    """Owner of the blocks of one ``map`` or ``stream`` call."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.done: dict[int, _Block] = {}
+        self.order: deque[_Block] = deque()  # completion order (stream)
+        self.error: BaseException | None = None
+
+    def block_done(self, block: _Block) -> None:
+        with self.cond:
+            self.done[block.start] = block
+            self.order.append(block)
+            self.cond.notify()
+
+    def abort(self, exc: BaseException) -> None:
+        with self.cond:
+            self.error = exc
+            self.cond.notify_all()
+
+
+class _Sink:
+    """Joins the graph's outputs by item id and hands finished items to the flow."""
+
+    def __init__(self, flow: RunningFlow, plan: Plan) -> None:
+        self.flow = flow
+        n = len(plan.sink_ports)
+        self.joiner = Joiner(n) if n > 1 else None
+        self.lock = threading.Lock()
+        self.output_fn = plan.output_fn
+        tmpl = plan.output
+        # the common case: the output is exactly the value of the single sink port
+        self.identity = n == 1 and getattr(tmpl, "name", None) == "0" and not tmpl.path
+        self.name = "<sink>"
+
+    def deliver(self, port: int, ids: Any, vals: list[Any], special: bool, sender: Any) -> bool:
+        if self.joiner is None:
+            ready = [(ids, vals, special)]
+        else:
+            with self.lock:
+                ready = self.joiner.add(port, ids, vals, special)
+        for r_ids, r_vals, r_special in ready:
+            self.flow._complete(r_ids, self._outputs(r_vals, r_special), r_special)
+        return False
+
+    def _outputs(self, vals: list[Any], special: bool) -> list[Any]:
+        if self.identity:
+            return vals
+        fn = self.output_fn
+        if self.joiner is None:
+            if not special:
+                return [fn((v,)) for v in vals]
+            return [v if type(v) is Failed else fn((v,)) for v in vals]
+        if not special:
+            return [fn(t) for t in vals]
+        out = []
+        for t in vals:
+            failed = [x for x in t if type(x) is Failed]
+            out.append(Failed.merge(failed) if failed else fn(t))
+        return out
+
+
+class RunningFlow(RunContext):
+    """A started graph: submit items, map or stream iterables, read metrics, stop.
+
+    Use it as a context manager: leaving the block drains in-flight items,
+    then stops every actor and thread of the graph (``stop(drain=False)``
+    cancels instead). Failed items resolve their future with
+    :class:`~actorflow.RunFailed` and are kept in ``dead_letters()``; the
+    graph keeps serving later items.
+
+    Example::
+
+        with analysis.start(max_in_flight=1_000) as running:
+            fut = running.submit("http://a")          # concurrent.futures.Future
+            for out in running.map(urls): ...         # ordered, backpressured
+            for out in running.stream(source): ...    # as produced
+            running.metrics()["fetch"].p50_s
+        running.metrics()                             # still readable afterwards
+    """
+
+    def __init__(
+        self,
+        graph: Graph,
+        *,
+        max_in_flight: int = 1024,
+        run_id: str | None = None,
+        batch: bool = False,
+        edge_capacity: int | None = None,
+    ) -> None:
+        if not isinstance(max_in_flight, int) or max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be an int >= 1, got {max_in_flight!r}")
+        self.graph = graph
+        self.plan = plan = compile_plan(graph)
+        self.name = graph.name
+        self.run_id = run_id or f"{graph.name}-{uuid.uuid4().hex[:12]}"
+        self.max_in_flight = max_in_flight
+        self._batch = batch
+        self._log = get_logger(run_id=self.run_id, flow=self.name)
+        self._t0 = time.perf_counter()
+        self._lock = threading.Lock()
+        self._space = threading.Condition(self._lock)
+        self._in_flight = 0
+        self._next_id = 0
+        self._blocks: dict[int, _Block] = {}
+        self._starts: list[int] = []
+        self._dead: list[Failure] = []
+        self._fatal: BaseException | None = None
+        self._stopped = False
+        self._items = 0
+        self._failed_items = 0
+        self._final_metrics: dict[str, NodeMetrics] | None = None
+        self._pool = HostPool(self.run_id, self._on_fatal, watcher_thread=not batch)
+        capacity = edge_capacity if edge_capacity is not None else max(max_in_flight, 1)
+        self._segments = [Segment(sp, self, self._pool.schedule, capacity) for sp in plan.segments]
+        self._sink = _Sink(self, plan)
+        for seg, sp in zip(self._segments, plan.segments, strict=True):
+            seg.open()
+            seg.connect([(self._target(i), port) for i, port in sp.consumers])
+        self._roots = [(self._target(i), port) for i, port in plan.roots]
+        self._entry = graph.validate().entry
+        if not batch:
+            self._log.info("run_started", nodes=plan.n_nodes, segments=len(plan.segments))
+
+    def _target(self, index: int) -> Any:
+        return self._sink if index == -1 else self._segments[index]
+
+    # -- context manager -----------------------------------------------------
+    def __enter__(self) -> RunningFlow:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        interrupted = exc is not None and not isinstance(exc, Exception)
+        self.stop(drain=not interrupted)
+
+    # -- entry -----------------------------------------------------------------
+    def _value_of(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        entry: EntrySpec = self._entry
+        if entry.mode == "passthrough":
+            return (args, kwargs or _EMPTY)
+        n = entry.n_params
+        if not kwargs and len(args) == n:
+            return args[0] if n == 1 else args
+        assert entry.signature is not None
+        try:
+            bound = entry.signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(
+                f"flow {self.name!r} takes {entry.signature}, called with "
+                f"{len(args)} positional and {sorted(kwargs)} keyword arguments: {exc}"
+            ) from None
+        bound.apply_defaults()
+        values = tuple(bound.arguments.values())
+        if n == 0:
+            return None
+        return values[0] if n == 1 else values
+
+    def _check_open(self) -> None:
+        if self._stopped:
+            raise ActorflowError(
+                f"running flow {self.name!r} (run {self.run_id!r}) is stopped; "
+                "start it again to submit more items"
+            )
+        if self._fatal is not None:
+            raise ActorflowError(f"running flow {self.name!r} failed: {self._fatal!r}")
+
+    def _enter(self, values: list[Any], owner: Any) -> _Block:
+        """Allocate ids for ``values``, wait for room, register the block, send it in."""
+        n = len(values)
+        with self._space:
+            while self._in_flight + n > self.max_in_flight and self._in_flight > 0:
+                self._check_open()
+                if self._batch:
+                    self._space.wait()
+                else:
+                    self._space.wait(0.5)
+            self._check_open()
+            start = self._next_id
+            self._next_id = start + n
+            self._in_flight += n
+            self._items += n
+            block = _Block(owner, start, n)
+            self._blocks[start] = block
+            self._starts.append(start)
+        ids = range(start, start + n)
+        for target, port in self._roots:
+            target.deliver(port, ids, values, False, None)
+        return block
+
+    def submit(self, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
+        """Send one item in; return a future of its output.
+
+        The future resolves to the output, to ``af.SKIP`` for a skipped item,
+        or raises :class:`~actorflow.RunFailed` holding the item's failures.
+        Blocks while ``max_in_flight`` items are already in flight.
+
+        Example::
+
+            fut = running.submit("http://a")
+            fut.result(timeout=10)
+        """
+        self._check_open()
+        owner = _FutureOwner(self.run_id)
+        self._enter([self._value_of(args, kwargs)], owner)
+        return owner.future
+
+    def _values(self, iterables: tuple[Iterable[Any], ...]) -> Iterator[Any]:
+        if not iterables:
+            raise TypeError("map() needs at least one iterable")
+        entry = self._entry
+        if len(iterables) == 1:
+            it = iter(iterables[0])
+            if entry.mode == "passthrough":
+                return (((x,), _EMPTY) for x in it)
+            if entry.n_params == 1:
+                return it
+            return (self._value_of((x,), {}) for x in it)
+        zipped = zip(*iterables)  # noqa: B905 - zips like the builtin map
+        if entry.mode == "passthrough":
+            return ((args, _EMPTY) for args in zipped)
+        if entry.n_params == len(iterables):
+            return zipped
+        return (self._value_of(args, {}) for args in zipped)
+
+    def map(self, *iterables: Iterable[Any]) -> Iterator[Any]:
+        """Outputs for the zipped iterables, in input order (like the builtin ``map``).
+
+        Lazy and backpressured: at most ``max_in_flight`` items are read ahead
+        of what the caller has consumed. A skipped item yields ``af.SKIP`` in
+        its place; a failed item raises :class:`~actorflow.RunFailed` when its
+        turn comes (the rest already in flight finish and are discarded).
+
+        Example::
+
+            for report in running.map(urls):
+                print(report)
+        """
+        self._check_open()
+        return self._iterate(self._values(iterables), ordered=True)
+
+    def stream(self, source: Iterable[Any]) -> Iterator[Any]:
+        """Every real output, in completion order, as produced.
+
+        Skipped items are not yielded; failed items are kept in
+        ``dead_letters()`` and the stream goes on. Reads at most
+        ``max_in_flight`` items ahead of what the caller has consumed, in the
+        caller's thread, in chunks that start at one item and double: a
+        source whose ``next()`` blocks (a followed file) holds back the items
+        of its current chunk until it yields again.
+
+        Example::
+
+            for ev in running.stream(open("app.log")):
+                print(ev)
+        """
+        self._check_open()
+        return self._iterate(self._values((source,)), ordered=False)
+
+    def _iterate(self, values: Iterator[Any], *, ordered: bool) -> Iterator[Any]:
+        owner = _QueueOwner()
+        pending: deque[_Block] = deque()
+        outstanding = 0
+        exhausted = False
+        chunk = _FIRST_CHUNK
+        limit = self.max_in_flight
+        cap = max(1, min(_MAX_CHUNK, limit // 4 or 1))
+        cond = owner.cond
+        try:
+            while True:
+                # read ahead, up to max_in_flight items beyond what was consumed
+                while not exhausted and outstanding < limit:
+                    take = min(chunk, limit - outstanding)
+                    batch = list(itertools.islice(values, take))
+                    if len(batch) < take:
+                        exhausted = True
+                    if not batch:
+                        break
+                    pending.append(self._enter(batch, owner))
+                    outstanding += len(batch)
+                    chunk = min(cap, chunk * 2)
+                    if not ordered and owner.order:
+                        break  # results are waiting: yield them first
+                if not pending:
+                    return
+                with cond:
+                    if ordered:
+                        head = pending[0]
+                        while head.start not in owner.done and owner.error is None:
+                            cond.wait()
+                        if owner.error is not None:
+                            raise owner.error
+                        block = owner.done.pop(head.start)
+                        pending.popleft()
+                    else:
+                        while not owner.order and owner.error is None:
+                            cond.wait()
+                        if owner.error is not None:
+                            raise owner.error
+                        block = owner.order.popleft()
+                        owner.done.pop(block.start, None)
+                        pending.remove(block)
+                outstanding -= block.n
+                vals = block.vals
+                assert vals is not None
+                if not block.special:
+                    yield from vals
+                    continue
+                for v in vals:
+                    if type(v) is Failed:
+                        if ordered:
+                            raise RunFailed(list(v.failures), self.run_id)
+                        continue
+                    if v is SKIP and not ordered:
+                        continue
+                    yield v
+        finally:
+            if pending and not self._stopped:
+                # abandoned: in-flight items finish and are discarded
+                with cond:
+                    owner.done.clear()
+                    owner.order.clear()
+
+    # -- completion (called from host threads) ---------------------------------
+    def _complete(self, ids: Any, vals: list[Any], special: bool) -> None:
+        finished: list[_Block] = []
+        with self._lock:
+            blocks = self._blocks
+            if type(ids) is range and ids.start in blocks and blocks[ids.start].n == len(ids):
+                block = blocks.pop(ids.start)
+                block.vals = vals
+                block.special = special
+                block.received = block.n
+                finished.append(block)
+            else:
+                for i, v in zip(ids, vals, strict=True):
+                    block = self._block_of(i)
+                    if block.vals is None:
+                        block.vals = [_MISSING] * block.n
+                    block.vals[i - block.start] = v
+                    block.received += 1
+                    if special and (v is SKIP or type(v) is Failed):
+                        block.special = True
+                    if block.received == block.n:
+                        del blocks[block.start]
+                        finished.append(block)
+            n_done = sum(b.n for b in finished)
+            self._in_flight -= n_done
+            if special:
+                for b in finished:
+                    assert b.vals is not None
+                    for v in b.vals:
+                        if type(v) is Failed:
+                            self._failed_items += 1
+                            self._dead.extend(v.failures)
+            if len(self._starts) > 2 * len(blocks) + 256:
+                self._starts = sorted(blocks)
+            self._space.notify_all()
+        for b in finished:
+            b.owner.block_done(b)
+        if self._batch:
+            self._pool.notify()
+
+    def _block_of(self, item: int) -> _Block:
+        starts = self._starts
+        start = starts[bisect.bisect_right(starts, item) - 1]
+        return self._blocks[start]
+
+    # -- RunContext ----------------------------------------------------------------
+    def on_task_failed(self, failure: Failure) -> None:
+        """Log a task failure once, where it is captured (no retries yet)."""
+        self._log.error(
+            "task_failed",
+            task=failure.task,
+            item_id=failure.item_id,
+            attempt=failure.attempt,
+            error_type=failure.error_type,
+            error_message=failure.message,
+        )
+
+    def map_parallel(
+        self, fn: Callable[[Any], Any], items: list[Any], parallelism: int
+    ) -> list[tuple[bool, Any]]:
+        return self._pool.map_parallel(fn, items, parallelism)
+
+    def _on_fatal(self, exc: BaseException) -> None:
+        with self._lock:
+            if self._fatal is None:
+                self._fatal = exc
+            blocks = list(self._blocks.values())
+            self._blocks.clear()
+            self._in_flight = 0
+            self._space.notify_all()
+        if not isinstance(exc, Exception):
+            error: BaseException = exc
+        else:
+            error = ActorflowError(
+                f"running flow {self.name!r} hit an internal error: {exc!r}; this is a bug "
+                "in actorflow, please report it with the traceback"
+            )
+            error.__cause__ = exc
+        for b in blocks:
+            b.owner.abort(error)
+
+    # -- inspection --------------------------------------------------------------------
+    def metrics(self) -> dict[str, NodeMetrics]:
+        """Per-node :class:`NodeMetrics`, by node name; still readable after stop.
+
+        Example::
+
+            for name, m in running.metrics().items():
+                print(f"{name}: {m.done} done, p99 {m.p99_s}")
+        """
+        if self._final_metrics is not None:
+            return dict(self._final_metrics)
+        out: dict[str, NodeMetrics] = {}
+        for seg in self._segments:
+            queued = seg.pending_items()
+            for k, (node, stats) in enumerate(zip(seg.nodes, seg.stats, strict=True)):
+                lat = sorted(stats.latencies)
+                p50 = lat[len(lat) // 2] if lat else None
+                p99 = lat[min(len(lat) - 1, (len(lat) * 99) // 100)] if lat else None
+                out[node.name] = NodeMetrics(
+                    done=stats.done,
+                    failed=stats.failed,
+                    retried=stats.retried,
+                    skipped=stats.skipped,
+                    in_flight=max(0, seg.stats[0].in_flight) if k == 0 else 0,
+                    queued=queued if k == 0 else 0,
+                    p50_s=p50,
+                    p99_s=p99,
+                )
+        return out
+
+    def dead_letters(self) -> list[Failure]:
+        """The :class:`~actorflow.Failure` of every failed item so far.
+
+        Example::
+
+            for f in running.dead_letters():
+                print(f.task, f.item_id, f.message)
+        """
+        with self._lock:
+            return list(self._dead)
+
+    @property
+    def in_flight(self) -> int:
+        """Items entered and not yet finished."""
+        return self._in_flight
+
+    # -- shutdown ----------------------------------------------------------------------
+    def drain(self) -> None:
+        """Block until every item in flight has finished.
+
+        Example::
+
+            running.drain()
+        """
+        if self._batch:
+            self._pool.wait(lambda: self._in_flight == 0 or self._fatal is not None)
+            return
+        with self._space:
+            while self._in_flight > 0 and self._fatal is None:
+                self._space.wait()
+
+    def stop(self, *, drain: bool = True) -> None:
+        """Stop the graph: drain in-flight items first (default) or cancel them.
+
+        After it returns no host thread of this graph remains.
+
+        Example::
+
+            running.stop(drain=False)   # cancel what is in flight
+        """
+        if self._stopped:
+            return
+        try:
+            if drain:
+                self.drain()
+        finally:
+            self._stopped = True
+            cancelled = ActorflowError(
+                f"running flow {self.name!r} was stopped before this item finished"
+            )
+            if not drain or self._fatal is not None:
+                for seg in self._segments:
+                    seg.cancel()
+                self._pool.cancel_queued()
+            with self._lock:
+                blocks = list(self._blocks.values())
+                self._blocks.clear()
+                self._space.notify_all()
+            for b in blocks:
+                if isinstance(b.owner, _FutureOwner):
+                    b.owner.future.cancel()
+                else:
+                    b.owner.abort(cancelled)
+            self._pool.shutdown()
+            self._final_metrics = self.metrics()
+            if not self._batch:
+                self._log.info(
+                    "run_finished",
+                    elapsed_s=round(time.perf_counter() - self._t0, 6),
+                    items=self._items,
+                    failed_items=self._failed_items,
+                    hosts=self._pool.started_hosts,
+                )
+
+    def __repr__(self) -> str:
+        state = "stopped" if self._stopped else "running"
+        return f"<af.RunningFlow {self.name!r} run={self.run_id!r} {state}>"
+
+
+def run_once(
+    graph: Graph, args: tuple[Any, ...], kwargs: dict[str, Any], *, run_id: str | None
+) -> Any:
+    """Run ``graph`` for one item in the caller's thread; return its output.
+
+    The caller's thread watches the host pool while it waits; a
+    ``BaseException`` (Ctrl-C) cancels the run and is re-raised.
+    """
+    running = RunningFlow(graph, max_in_flight=1, run_id=run_id, batch=True)
+    log = running._log
+    t0 = time.perf_counter()
+    log.info("run_started", nodes=running.plan.n_nodes)
+    try:
+        fut = running.submit(*args, **kwargs)
+        running._pool.wait(lambda: fut.done() or running._fatal is not None)
+    except BaseException:
+        running.stop(drain=False)
+        log.info("run_cancelled", elapsed_s=round(time.perf_counter() - t0, 6))
+        raise
+    running.stop(drain=running._fatal is None)
+    fatal = running._fatal
+    if fatal is not None and not isinstance(fatal, Exception):
+        raise fatal
+    try:
+        result = fut.result()
+    except RunFailed as exc:
+        log.info("run_finished", elapsed_s=round(time.perf_counter() - t0, 6), failed=True)
+        raise exc.with_traceback(None) from None
+    log.info("run_finished", elapsed_s=round(time.perf_counter() - t0, 6), failed=False)
+    return result

@@ -1,0 +1,294 @@
+"""Tasks: plain functions (or classes) that become nodes of a graph.
+
+Outside a flow a task is a plain call, so it is unit-testable as is; inside a
+flow being traced, calling it returns a :class:`~actorflow.flow.Node` (its
+signature still says it returns the value, as in other tracing APIs).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, ParamSpec, TypeVar, overload
+
+from actorflow import _trace
+from actorflow.errors import GraphError
+
+__all__ = ["Backoff", "Task", "task"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Delay policy between retries of a task.
+
+    The delay before retry ``k`` (1-based) is
+    ``min(maximum, initial * factor ** (k - 1))``, spread by ``± jitter * delay``.
+
+    Example::
+
+        @af.task(retries=3, backoff=af.Backoff(initial=0.05, factor=2.0, maximum=2.0))
+        def fetch(url): ...
+    """
+
+    initial: float = 0.05
+    factor: float = 2.0
+    maximum: float = 2.0
+    jitter: float = 0.1
+
+    def delay(self, retry: int) -> float:
+        """The base delay (before jitter) of retry number ``retry`` (1-based).
+
+        Example::
+
+            >>> Backoff(initial=0.1, factor=2.0, maximum=1.0).delay(3)
+            0.4
+        """
+        return float(min(self.maximum, self.initial * self.factor ** (retry - 1)))
+
+
+_DEFAULT_BACKOFF = Backoff()
+
+# Options described in DESIGN.md whose implementation lands in a later issue.
+# They are refused loudly instead of being silently ignored.
+_LATER = {
+    "retries": "retries (issue 3: supervision and retries)",
+    "backoff": "backoff (issue 3: supervision and retries)",
+    "retry_on": "retry_on (issue 3: supervision and retries)",
+    "timeout": "timeout (issue 3: supervision and retries)",
+    "key": "key= for keyed stateful tasks (issue 4: executors)",
+}
+
+
+class Task(Generic[P, R]):
+    """A function or class turned into a graph task by :func:`task`.
+
+    Attributes: ``name``, ``fn`` (the wrapped function or class), ``executor``
+    (``"thread"``), ``workers`` (how many calls, or class instances, run at
+    once), ``is_class``.
+
+    Example::
+
+        @af.task(workers=4)
+        def fetch(url: str) -> bytes: ...
+
+        fetch("http://x")        # outside a flow: a plain call
+        fetch.name, fetch.workers
+    """
+
+    __slots__ = (
+        "__dict__",
+        "__wrapped__",
+        "executor",
+        "fn",
+        "is_class",
+        "name",
+        "workers",
+    )
+
+    def __init__(
+        self,
+        fn: Callable[P, R],
+        *,
+        name: str | None = None,
+        executor: str = "thread",
+        workers: int = 1,
+    ) -> None:
+        if isinstance(fn, Task):
+            fn = fn.fn
+        if not callable(fn):
+            raise TypeError(f"af.task needs a function or a class, got {fn!r}")
+        self.fn: Callable[..., Any] = fn
+        self.is_class = inspect.isclass(fn)
+        self.name: str = name or getattr(fn, "__name__", None) or type(fn).__name__
+        self.executor = executor
+        self.workers = workers
+        self.__wrapped__ = fn
+        functools.update_wrapper(self, fn, updated=())
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run the task (outside a flow) or add a node (inside a flow being traced).
+
+        Inside a flow the return value is a Node standing for the result.
+        """
+        if _trace.depth:
+            tracer = _trace.current()
+            if tracer is not None:
+                return tracer.call(self, args, kwargs)  # type: ignore[no-any-return]
+        if self.is_class:
+            return self.fn()(*args, **kwargs)  # type: ignore[no-any-return]
+        return self.fn(*args, **kwargs)  # type: ignore[no-any-return]
+
+    def signature(self) -> inspect.Signature:
+        """The signature the task is called with (a class task's ``__call__``).
+
+        Example::
+
+            parse.signature().parameters.keys()
+        """
+        return _signature(self.fn, self.is_class)
+
+    def __repr__(self) -> str:
+        return f"<af.task {self.name!r}>"
+
+    def __reduce__(self) -> str | tuple[Any, ...]:
+        # A decorated module-level task is importable under its function's name:
+        # pickle it by reference (the function itself is shadowed by the task).
+        module = sys.modules.get(getattr(self.fn, "__module__", None) or "")
+        qualname = getattr(self.fn, "__qualname__", "")
+        if module is not None and "<locals>" not in qualname:
+            target: Any = module
+            for part in qualname.split("."):
+                target = getattr(target, part, None)
+            if target is self:
+                return qualname
+        return (_rebuild_task, (self.fn, self.name, self.executor, self.workers))
+
+
+_ANY_SIGNATURE = inspect.Signature(
+    [
+        inspect.Parameter("args", inspect.Parameter.VAR_POSITIONAL),
+        inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD),
+    ]
+)
+
+
+@functools.lru_cache(maxsize=4096)
+def _signature(fn: Any, is_class: bool) -> inspect.Signature:
+    target: Any = fn.__call__ if is_class else fn
+    try:
+        sig = inspect.signature(target)
+    except (TypeError, ValueError):  # builtins without a signature
+        return _ANY_SIGNATURE
+    if is_class:  # the instance is bound at run time: drop `self`
+        params = list(sig.parameters.values())[1:]
+        sig = sig.replace(parameters=params)
+    return sig
+
+
+def _rebuild_task(fn: Any, name: str, executor: str, workers: int) -> Task[Any, Any]:
+    return Task(fn, name=name, executor=executor, workers=workers)
+
+
+@overload
+def task(fn: Callable[P, R], /) -> Task[P, R]: ...
+
+
+@overload
+def task(
+    fn: None = None,
+    /,
+    *,
+    name: str | None = None,
+    executor: str = "thread",
+    workers: int = 1,
+    retries: int = 0,
+    backoff: Backoff | None = None,
+    retry_on: tuple[type[BaseException], ...] | None = None,
+    timeout: float | None = None,
+    key: Callable[[Any], Any] | None = None,
+) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+
+
+def task(
+    fn: Callable[P, R] | None = None,
+    /,
+    *,
+    name: str | None = None,
+    executor: str = "thread",
+    workers: int = 1,
+    retries: int = 0,
+    backoff: Backoff | None = None,
+    retry_on: tuple[type[BaseException], ...] | None = None,
+    timeout: float | None = None,
+    key: Callable[[Any], Any] | None = None,
+) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
+    """Turn a function (or a class: a stateful task) into a task.
+
+    Bare (``@af.task``) or with options (``@af.task(name=..., workers=...)``).
+    ``workers=N`` allows up to N concurrent calls of a function task, or N
+    instances of a class task (one instance serves one call at a time). A
+    class task keeps its state for as long as the graph runs; every ``run()``
+    and ``start()`` gets fresh instances.
+
+    Options of later milestones (``executor="process"``, async tasks,
+    ``retries``, ``backoff``, ``retry_on``, ``timeout``, ``key``) are refused
+    with :class:`~actorflow.GraphError` instead of being ignored.
+
+    Example::
+
+        @af.task
+        def parse(line: str) -> dict:
+            return json.loads(line)
+
+        @af.task(name="fetch", workers=8)
+        def fetch(url: str) -> bytes: ...
+
+        @af.task
+        class Counter:
+            def __init__(self):
+                self.seen = 0
+            def __call__(self, ev):
+                self.seen += 1
+                return self.seen
+
+        parse('{"a": 1}')    # -> {"a": 1}: outside a flow, a plain call
+    """
+    given = {
+        "retries": retries != 0,
+        "backoff": backoff is not None and backoff != _DEFAULT_BACKOFF,
+        "retry_on": retry_on is not None,
+        "timeout": timeout is not None,
+        "key": key is not None,
+    }
+
+    def wrap(f: Callable[P, R]) -> Task[P, R]:
+        label = name or getattr(f, "__name__", repr(f))
+        for option, used in given.items():
+            if used:
+                raise GraphError(
+                    f"task {label!r}: option {_LATER[option]} is not implemented yet; "
+                    f"remove {option}= for now"
+                )
+        if executor != "thread":
+            raise GraphError(
+                f"task {label!r}: executor={executor!r} is not implemented yet "
+                "(worker processes and async tasks arrive with issue 4); "
+                "use the default thread executor for now"
+            )
+        target = f.fn if isinstance(f, Task) else f
+        if inspect.iscoroutinefunction(target) or inspect.isasyncgenfunction(target):
+            raise GraphError(
+                f"task {label!r} is a coroutine function: async tasks are not implemented "
+                "yet (issue 4); write it as a plain function for now"
+            )
+        if inspect.isgeneratorfunction(target):
+            raise GraphError(
+                f"task {label!r} is a generator function: generator (flat-map) tasks arrive "
+                "with the streaming operators; return a list for now"
+            )
+        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+            raise GraphError(f"task {label!r}: workers must be an int >= 1, got {workers!r}")
+        return Task(f, name=name, executor=executor, workers=workers)
+
+    if fn is not None:
+        return wrap(fn)
+    return wrap
+
+
+def as_task(fn: Any) -> Task[Any, Any]:
+    """Return ``fn`` as a Task (wrapping a plain callable with default options).
+
+    Example::
+
+        as_task(len).name   # 'len'
+    """
+    if isinstance(fn, Task):
+        return fn
+    wrapped: Task[Any, Any] = task(fn)
+    return wrapped
