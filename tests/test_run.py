@@ -1,0 +1,566 @@
+"""Integration tests: graphs run through real pykka host actors and threads."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import pytest
+
+import actorflow as af
+from tests.conftest import wait_until
+
+
+@af.task
+def multiply(a: int, b: int) -> int:
+    return a * b
+
+
+@af.task
+def average(xs: list[int]) -> float:
+    return sum(xs) / len(xs)
+
+
+@af.task
+def inc(x: int) -> int:
+    return x + 1
+
+
+@af.task
+def double(x: int) -> int:
+    return 2 * x
+
+
+@af.task
+def keep_even(x: int) -> Any:
+    return x if x % 2 == 0 else af.SKIP
+
+
+@af.task
+def fail_on_three(x: int) -> int:
+    if x == 3:
+        raise ValueError(f"three is not allowed (got {x})")
+    return x
+
+
+@af.flow
+def avg_of_products() -> Any:
+    return average([multiply(3, 2), multiply(4, 5)])
+
+
+@af.flow
+def evens_doubled(x: int) -> Any:
+    return double(keep_even(x))
+
+
+@af.flow
+def fragile(x: int) -> Any:
+    return inc(fail_on_three(x))
+
+
+def test_a_gathered_list_of_nodes_fans_in() -> None:
+    assert avg_of_products.run() == 13.0
+
+
+def test_run_returns_any_nesting_of_nodes_and_constants() -> None:
+    @af.flow
+    def f(x: int) -> Any:
+        return {"inc": inc(x), "pair": (double(x), "const"), "list": [inc(x), 7]}
+
+    assert f.run(4) == {"inc": 5, "pair": (8, "const"), "list": [5, 7]}
+
+
+def test_a_flow_with_several_parameters_binds_keywords_and_defaults() -> None:
+    @af.flow
+    def f(a: int, b: int = 10) -> Any:
+        return multiply(a, b)
+
+    assert f.run(2) == 20
+    assert f.run(2, b=3) == 6
+    with f.start() as running:
+        assert list(running.map([1, 2], [5, 6])) == [5, 12]
+        assert running.submit(a=3).result() == 30
+
+
+def test_a_failed_task_raises_run_failed_and_its_siblings_still_run() -> None:
+    seen: list[str] = []
+
+    @af.task
+    def sibling(x: int) -> int:
+        seen.append("sibling")
+        return x
+
+    @af.task
+    def after_failure(x: int) -> int:
+        seen.append("downstream")
+        return x
+
+    @af.flow
+    def f(x: int) -> Any:
+        return {"bad": after_failure(fail_on_three(x)), "good": sibling(x)}
+
+    with pytest.raises(af.RunFailed) as info:
+        f.run(3)
+    assert seen == ["sibling"]
+    (failure,) = info.value.failures
+    assert failure.task == "fail_on_three"
+    assert failure.error_type == "ValueError"
+    assert failure.message == "three is not allowed (got 3)"
+    assert failure.function == "fail_on_three"
+    assert failure.file_path == __file__
+    assert failure.locals == {"x": "3"}
+    assert failure.inputs == ("3",)
+    assert failure.run_id == info.value.run_id
+    assert "task 'fail_on_three'" in str(info.value)
+
+
+def test_a_skipped_item_resolves_to_skip_and_map_keeps_positions() -> None:
+    assert evens_doubled.run(3) is af.SKIP
+    with evens_doubled.start() as running:
+        assert running.submit(2).result() == 4
+        assert running.submit(3).result() is af.SKIP
+        assert list(running.map(range(5))) == [0, af.SKIP, 4, af.SKIP, 8]
+        assert sorted(running.stream(range(5))) == [0, 4, 8]
+
+
+def test_a_long_lived_graph_keeps_serving_after_a_failure() -> None:
+    with fragile.start() as running:
+        futures = [running.submit(i) for i in range(6)]
+        results = []
+        for fut in futures:
+            try:
+                results.append(fut.result(timeout=10))
+            except af.RunFailed as exc:
+                results.append(exc.failures[0].task)
+        assert results == [1, 2, 3, "fail_on_three", 5, 6]
+        assert sorted(running.stream(range(6))) == [1, 2, 3, 5, 6]
+        dead = running.dead_letters()
+        assert [f.task for f in dead] == ["fail_on_three", "fail_on_three"]
+        metrics = running.metrics()
+        assert metrics["fail_on_three"].failed == 2
+        assert metrics["inc"].done == 10
+
+
+def test_map_raises_run_failed_when_the_failed_item_is_reached() -> None:
+    with fragile.start() as running:
+        got = []
+        with pytest.raises(af.RunFailed) as info:
+            for out in running.map(range(10)):
+                got.append(out)
+        assert got == [1, 2, 3]
+        assert info.value.failures[0].item_id is not None
+
+
+def test_every_item_reaches_the_output_exactly_once_in_map_order() -> None:
+    calls: list[int] = []
+    lock = threading.Lock()
+
+    @af.task
+    def record(x: int) -> int:
+        with lock:
+            calls.append(x)
+        return x
+
+    @af.flow
+    def f(x: int) -> Any:
+        return double(record(inc(x)))
+
+    n = 5000
+    with f.start(max_in_flight=256) as running:
+        assert list(running.map(range(n))) == [2 * (i + 1) for i in range(n)]
+    assert sorted(calls) == [i + 1 for i in range(n)]
+
+
+def test_independent_blocking_nodes_run_on_separate_hosts() -> None:
+    # four nodes that each block until all four are running at once
+    barrier = threading.Barrier(4, timeout=10)
+
+    @af.task
+    def wait_for_others(x: int) -> int:
+        barrier.wait()
+        return x
+
+    @af.task
+    def total(xs: list[int]) -> int:
+        return sum(xs)
+
+    @af.flow
+    def f(x: int) -> Any:
+        return total([wait_for_others(x) for _ in range(4)])
+
+    assert f.run(1) == 4
+
+
+def test_four_sleeping_nodes_finish_together() -> None:
+    @af.task
+    def nap(x: int) -> float:
+        time.sleep(0.3)
+        return time.perf_counter()
+
+    @af.flow
+    def f(x: int) -> Any:
+        return [nap(x) for _ in range(4)]
+
+    start = time.perf_counter()
+    ends = f.run(0)
+    assert max(ends) - min(ends) < 0.2  # together, not one after another (0.3 s apart)
+    assert time.perf_counter() - start < 0.3 * 4  # generous sanity bound
+
+
+def test_workers_n_runs_up_to_n_calls_of_a_function_task_at_once() -> None:
+    barrier = threading.Barrier(3, timeout=10)
+
+    @af.task(workers=3)
+    def meet(x: int) -> int:
+        barrier.wait()
+        return x
+
+    @af.flow
+    def f(x: int) -> Any:
+        return meet(x)
+
+    with f.start() as running:
+        futures = [running.submit(i) for i in range(3)]
+        assert [fut.result(timeout=10) for fut in futures] == [0, 1, 2]
+
+
+def test_a_single_worker_node_never_runs_two_calls_at_once() -> None:
+    active = 0
+    peak = 0
+    lock = threading.Lock()
+
+    @af.task
+    def guarded(x: int) -> int:
+        nonlocal active, peak
+        with lock:
+            active += 1
+            peak = max(peak, active)
+        time.sleep(0.001)
+        with lock:
+            active -= 1
+        return x
+
+    @af.flow
+    def f(x: int) -> Any:
+        return guarded(x)
+
+    with f.start() as running:
+        futures = [running.submit(i) for i in range(20)]
+        assert [fut.result(timeout=10) for fut in futures] == list(range(20))
+    assert peak == 1
+
+
+def test_class_tasks_get_fresh_instances_for_every_run_and_start() -> None:
+    @af.task
+    class Counter:
+        def __init__(self) -> None:
+            self.seen = 0
+
+        def __call__(self, x: int) -> int:
+            self.seen += 1
+            return self.seen
+
+    @af.flow
+    def f(x: int) -> Any:
+        return Counter(x)
+
+    assert f.run(0) == 1
+    assert f.run(0) == 1
+    with f.start() as running:
+        assert list(running.map(range(3))) == [1, 2, 3]
+    with f.start() as running:
+        assert running.submit(0).result() == 1
+
+
+def test_after_orders_a_node_behind_another_without_passing_data() -> None:
+    order: list[str] = []
+
+    @af.task
+    def report(x: int) -> int:
+        time.sleep(0.01)
+        order.append("report")
+        return x
+
+    @af.task
+    def audit(x: int) -> None:
+        order.append("audit")
+
+    @af.flow
+    def f(x: int) -> Any:
+        r = report(x)
+        audit(x, after=[r])
+        return r
+
+    assert f.run(1) == 1
+    assert order == ["report", "audit"]
+
+
+def test_af_map_fans_out_in_parallel_and_keeps_order() -> None:
+    barrier = threading.Barrier(3, timeout=10)
+
+    @af.task
+    def split(n: int) -> list[int]:
+        return list(range(n))
+
+    @af.task
+    def square(x: int) -> int:
+        if x < 3:
+            barrier.wait()  # the first three run at once
+        return x * x
+
+    @af.task
+    def total(xs: list[int]) -> list[int]:
+        return xs
+
+    @af.flow
+    def f(n: int) -> Any:
+        return total(af.map(square, split(n), max_parallelism=3))
+
+    assert f.run(6) == [0, 1, 4, 9, 16, 25]
+
+
+def test_af_map_aggregates_element_failures_or_keeps_them_in_place() -> None:
+    @af.task
+    def split(n: int) -> list[int]:
+        return list(range(n))
+
+    @af.flow
+    def strict(n: int) -> Any:
+        return af.map(fail_on_three, split(n))
+
+    @af.flow
+    def lenient(n: int) -> Any:
+        return af.map(fail_on_three, split(n), return_exceptions=True)
+
+    with pytest.raises(af.RunFailed) as info:
+        strict.run(5)
+    assert [f.task for f in info.value.failures] == ["fail_on_three"]
+    out = lenient.run(5)
+    assert out[:3] == [0, 1, 2]
+    assert isinstance(out[3], ValueError)
+    assert out[4] == 4
+
+
+def test_the_builder_runs_and_starts_like_a_flow() -> None:
+    g = af.Graph("etl")
+    g.add("extract", lambda path: [1, 2, 3] if path == "in" else [])
+    g.add("transform", lambda rows: [r * 10 for r in rows], depends_on=["extract"])
+    g.add("load", lambda rows: sum(rows), depends_on=["transform"])
+    g.add("count", lambda rows: len(rows), depends_on=["extract"])
+    assert g.run("in") == {"load": 60, "count": 3}
+    with g.start() as running:
+        assert running.submit("in").result() == {"load": 60, "count": 3}
+        assert list(running.map(["in", "out"])) == [
+            {"load": 60, "count": 3},
+            {"load": 0, "count": 0},
+        ]
+
+
+def test_map_reads_at_most_max_in_flight_items_ahead_of_the_consumer() -> None:
+    read = 0
+
+    def source() -> Any:
+        nonlocal read
+        for i in range(1000):
+            read += 1
+            yield i
+
+    with evens_doubled.start(max_in_flight=50) as running:
+        it = running.map(source())
+        for consumed in range(1, 200):
+            next(it)
+            assert read <= consumed + 50
+        it.close()  # abandoned: items already in flight finish and are discarded
+    assert read < 1000
+
+
+def test_submit_blocks_while_max_in_flight_items_are_in_flight() -> None:
+    release = threading.Event()
+
+    @af.task
+    def hold(x: int) -> int:
+        release.wait(10)
+        return x
+
+    @af.flow
+    def f(x: int) -> Any:
+        return hold(x)
+
+    with f.start(max_in_flight=2) as running:
+        first = [running.submit(i) for i in range(2)]
+        third: list[Any] = []
+        submitter = threading.Thread(target=lambda: third.append(running.submit(2)))
+        submitter.start()
+        submitter.join(0.2)
+        assert submitter.is_alive()  # blocked: two items already in flight
+        assert running.in_flight == 2
+        release.set()
+        submitter.join(10)
+        assert [fut.result(10) for fut in first] == [0, 1]
+        assert third[0].result(10) == 2
+
+
+def test_leaving_the_block_drains_in_flight_items() -> None:
+    release = threading.Event()
+
+    @af.task
+    def slow(x: int) -> int:
+        release.wait(10)
+        return x
+
+    @af.flow
+    def f(x: int) -> Any:
+        return slow(x)
+
+    with f.start() as running:
+        futures = [running.submit(i) for i in range(5)]
+        threading.Timer(0.05, release.set).start()
+    assert [fut.result(0) for fut in futures] == list(range(5))
+    assert running.metrics()["slow"].done == 5  # still readable after the block
+
+
+def test_stop_without_drain_cancels_queued_items() -> None:
+    started = threading.Event()
+    release = threading.Event()
+
+    @af.task
+    def slow(x: int) -> int:
+        started.set()
+        release.wait(10)
+        return x
+
+    @af.flow
+    def f(x: int) -> Any:
+        return slow(x)
+
+    running = f.start()
+    futures = [running.submit(i) for i in range(5)]
+    started.wait(10)
+    threading.Timer(0.05, release.set).start()
+    running.stop(drain=False)
+    assert sum(fut.cancelled() for fut in futures) >= 3
+    with pytest.raises(af.ActorflowError, match="is stopped"):
+        running.submit(1)
+
+
+def test_a_keyboard_interrupt_in_a_task_stops_the_run_and_is_re_raised() -> None:
+    @af.task
+    def interrupt(x: int) -> int:
+        raise KeyboardInterrupt
+
+    @af.flow
+    def f(x: int) -> Any:
+        return inc(interrupt(x))
+
+    with pytest.raises(KeyboardInterrupt):
+        f.run(1)
+
+
+def test_ctrl_c_while_run_waits_cancels_cleanly() -> None:
+    started = threading.Event()
+
+    @af.task
+    def busy(x: int) -> int:
+        started.set()
+        time.sleep(0.3)
+        return x
+
+    @af.flow
+    def f(x: int) -> Any:
+        return busy(x)
+
+    def press_ctrl_c() -> None:
+        started.wait(10)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    presser = threading.Thread(target=press_ctrl_c)
+    presser.start()
+    with pytest.raises(KeyboardInterrupt):
+        f.run(1)
+    presser.join()
+
+
+def test_metrics_count_done_skipped_and_failed_per_node() -> None:
+    with evens_doubled.start() as running:
+        list(running.map(range(10)))
+        m = running.metrics()
+    assert (m["keep_even"].done, m["keep_even"].skipped) == (5, 5)
+    assert m["double"].done == 5
+    assert m["double"].p50_s is not None
+    assert m["double"].p50_s <= m["double"].p99_s  # type: ignore[operator]
+    assert set(m) == {"keep_even", "double"}
+    assert all(x.in_flight == 0 and x.queued == 0 for x in m.values())
+
+
+def test_the_library_is_silent_unless_logging_is_enabled(
+    caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(af.RunFailed):
+        fragile.run(3)
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == ""
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="actorflow"):
+        with pytest.raises(af.RunFailed) as info:
+            fragile.run(3)
+    events = [r.getMessage() for r in caplog.records]
+    assert events == ["run_started", "task_failed", "run_finished"]
+    failed = caplog.records[1]
+    assert failed.levelno == logging.ERROR
+    assert failed.run_id == info.value.run_id  # type: ignore[attr-defined]
+    assert failed.task == "fail_on_three"  # type: ignore[attr-defined]
+    assert failed.__dict__["item_id"] == 0
+
+
+def test_stream_yields_outputs_before_the_source_is_exhausted() -> None:
+    read = 0
+
+    def source() -> Any:
+        nonlocal read
+        for i in range(10_000):
+            read += 1
+            yield i
+
+    with evens_doubled.start(max_in_flight=64) as running:
+        it = running.stream(source())
+        assert next(it) == 0
+        assert read <= 64  # the first output came long before the source ended
+        assert len(list(it)) == 4999
+
+
+def test_a_started_graph_can_be_used_from_many_threads() -> None:
+    with evens_doubled.start(max_in_flight=64) as running:
+        results: dict[int, list[Any]] = {}
+
+        def worker(k: int) -> None:
+            results[k] = list(running.map(range(k * 100, k * 100 + 100)))
+
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    for k in range(4):
+        expected = [2 * x if x % 2 == 0 else af.SKIP for x in range(k * 100, k * 100 + 100)]
+        assert results[k] == expected
+
+
+def test_host_threads_retire_and_none_remains_after_the_block() -> None:
+    @af.task
+    def nap(x: int) -> int:
+        time.sleep(0.05)
+        return x
+
+    @af.flow
+    def f(x: int) -> Any:
+        return [nap(x) for _ in range(6)]
+
+    with f.start() as running:
+        assert running.submit(1).result(10) == [1] * 6
+        wait_until(lambda: running._pool.n_hosts <= 3)
+    assert not [t for t in threading.enumerate() if t.name.startswith("ActorflowHost")]
