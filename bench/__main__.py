@@ -69,8 +69,16 @@ def _header(cfg: Config) -> str:
     return (
         f"actorflow bench - {mode}\n"
         f"Python {platform.python_version()} ({sys.executable}), {platform.system()} "
-        f"{platform.machine()}, {os.cpu_count()} CPUs; {versions}"
+        f"{platform.machine()}, {os.cpu_count()} CPUs; {versions}; {_load()}"
     )
+
+
+def _load() -> str:
+    """The 1-minute load average: other work on the machine skews every column."""
+    try:
+        return f"load average {os.getloadavg()[0]:.2f}"
+    except (AttributeError, OSError):
+        return "load average n/a"
 
 
 LEGEND = """\
@@ -126,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\nNotes:")
         for n in notes:
             print(f"- {n}")
-    print(f"\nTotal bench time {time.perf_counter() - started:.1f} s.")
+    print(f"\nTotal bench time {time.perf_counter() - started:.1f} s; {_load()} at the end.")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(_to_json(rows, cfg), fh, indent=2)

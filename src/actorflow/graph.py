@@ -88,12 +88,12 @@ class NodeSpec:
     deps: tuple[str, ...] = ()
     after: tuple[str, ...] = ()
     binding: Binding = field(default_factory=Binding)
+    inputs: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    """Every node this one waits for: data deps, then ``after`` deps not already there."""
 
-    @property
-    def inputs(self) -> tuple[str, ...]:
-        """Every node this one waits for: data deps, then ``after`` deps not already there."""
-        extra = tuple(a for a in self.after if a not in self.deps)
-        return self.deps + extra
+    def __post_init__(self) -> None:
+        extra = tuple(a for a in self.after if a not in self.deps) if self.after else ()
+        object.__setattr__(self, "inputs", self.deps + extra)
 
 
 class Graph:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, ParamSpec, TypeVar, overload
@@ -290,5 +291,17 @@ def as_task(fn: Any) -> Task[Any, Any]:
     """
     if isinstance(fn, Task):
         return fn
+    try:
+        return _PLAIN_TASKS[fn]
+    except (KeyError, TypeError):  # TypeError: not weak-referenceable or unhashable
+        pass
     wrapped: Task[Any, Any] = task(fn)
+    try:
+        _PLAIN_TASKS[fn] = wrapped
+    except TypeError:
+        pass
     return wrapped
+
+
+# plain callables added to graphs, wrapped once (a Task with default options is immutable)
+_PLAIN_TASKS: weakref.WeakKeyDictionary[Any, Task[Any, Any]] = weakref.WeakKeyDictionary()

@@ -8,6 +8,9 @@ carry the fixed keys ``run_id``, ``task``, ``item_id``, ``attempt``,
 ``elapsed_s``; they reach stdlib handlers as the record's message, with the
 keys in ``record.__dict__`` (``extra``).
 
+structlog is imported, and a bound logger built, only when an event's level
+is enabled: a silent library costs neither import time nor per-run work.
+
 Example::
 
     import logging
@@ -20,9 +23,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import structlog
-
-__all__ = ["get_logger", "stdlib_logger"]
+__all__ = ["EventLog", "get_logger", "stdlib_logger"]
 
 stdlib_logger = logging.getLogger("actorflow")
 stdlib_logger.addHandler(logging.NullHandler())
@@ -36,6 +37,8 @@ def get_logger(**initial: Any) -> Any:
         log = get_logger(run_id="r1")
         log.info("run_started", flow="analysis")
     """
+    import structlog
+
     logger = structlog.wrap_logger(
         stdlib_logger,
         processors=[
@@ -49,6 +52,50 @@ def get_logger(**initial: Any) -> Any:
     return logger.bind(**initial) if initial else logger
 
 
+class EventLog:
+    """Emits structlog events with fixed context, building the logger on first real use.
+
+    Example::
+
+        log = EventLog(run_id="r1", flow="etl")
+        log.info("run_started", nodes=3)       # a no-op unless INFO is enabled
+    """
+
+    __slots__ = ("_bound", "_context")
+
+    def __init__(self, **context: Any) -> None:
+        self._context = context
+        self._bound: Any = None
+
+    def _emit(self, level: int, method: str, event: str, fields: dict[str, Any]) -> None:
+        if not stdlib_logger.isEnabledFor(level):
+            return
+        if self._bound is None:
+            self._bound = get_logger(**self._context)
+        getattr(self._bound, method)(event, **fields)
+
+    def debug(self, event: str, **fields: Any) -> None:
+        """Emit ``event`` at DEBUG."""
+        self._emit(logging.DEBUG, "debug", event, fields)
+
+    def info(self, event: str, **fields: Any) -> None:
+        """Emit ``event`` at INFO."""
+        self._emit(logging.INFO, "info", event, fields)
+
+    def warning(self, event: str, **fields: Any) -> None:
+        """Emit ``event`` at WARNING."""
+        self._emit(logging.WARNING, "warning", event, fields)
+
+    def error(self, event: str, **fields: Any) -> None:
+        """Emit ``event`` at ERROR."""
+        self._emit(logging.ERROR, "error", event, fields)
+
+
 def enabled(level: int) -> bool:
-    """Whether events at ``level`` would be delivered (cheap: check before building them)."""
+    """Whether events at ``level`` would be delivered (cheap: check before building them).
+
+    Example::
+
+        if enabled(logging.DEBUG): ...
+    """
     return stdlib_logger.isEnabledFor(level)

@@ -102,6 +102,7 @@ class HostPool:
         self.closed = False
         self._use_watcher_thread = watcher_thread
         self._watcher: threading.Thread | None = None
+        self._watch_sleeping = False  # the watcher waits without timeout: wake it on work
         self._refs: list[pykka.ActorRef[Any]] = []
 
     # -- scheduling ------------------------------------------------------------
@@ -119,10 +120,11 @@ class HostPool:
                 if self.n_hosts == 0:
                     spawn = True
                     self.n_hosts += 1
-                elif len(self.ready) == 1:
-                    if self._use_watcher_thread and self._watcher is None:
-                        self._start_watcher()
-                    self.cond.notify_all()
+                elif self._use_watcher_thread and self._watcher is None:
+                    self._start_watcher()
+            if self._watch_sleeping:
+                # the watcher sleeps without a timeout only while nothing runs: wake it
+                self.cond.notify_all()
         if host is not None:
             host.tell(job)
         elif spawn:
@@ -156,7 +158,6 @@ class HostPool:
                 else:
                     self.idle.append(ref)
                     retire = False
-                self.cond.notify_all()
             if retire:
                 ref.stop(block=False)  # processed after this message: the thread then exits
             return
@@ -208,7 +209,7 @@ class HostPool:
         with self.lock:
             mark = (self.taken, self._cpu_ns())
             while not predicate():
-                self.cond.wait(self.stall_s if self.ready else None)
+                self._sleep_or_poll()
                 mark = self._watch_step(mark)
 
     def notify(self) -> None:
@@ -227,8 +228,19 @@ class HostPool:
         with self.lock:
             mark = (self.taken, self._cpu_ns())
             while not self.closed:
-                self.cond.wait(self.stall_s if self.ready else None)
+                self._sleep_or_poll()
                 mark = self._watch_step(mark)
+
+    def _sleep_or_poll(self) -> None:
+        """Under the lock: poll every ``stall_s`` while any host works, else sleep until woken."""
+        if self.ready or self.n_hosts > len(self.idle):
+            self.cond.wait(self.stall_s)
+        else:
+            self._watch_sleeping = True
+            try:
+                self.cond.wait()
+            finally:
+                self._watch_sleeping = False
 
     # -- failures and shutdown ---------------------------------------------------
     def _register_thread(self, thread: threading.Thread) -> None:
@@ -263,15 +275,9 @@ class HostPool:
             self.idle.clear()
             self.cond.notify_all()
             watcher = self._watcher
-        futures = []
         for ref in refs:
             try:
-                futures.append(ref.stop(block=False))
-            except pykka.ActorDeadError:
-                pass
-        for fut in futures:
-            try:
-                fut.get()
+                ref.stop(block=False)  # joined below, through its thread
             except pykka.ActorDeadError:
                 pass
         if watcher is not None:

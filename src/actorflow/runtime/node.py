@@ -83,7 +83,18 @@ class NodeStats:
         self.skipped = 0
         self.retried = 0
         self.in_flight = 0
-        self.latencies: deque[float] = deque(maxlen=_LATENCY_SAMPLES)
+        self.latencies: list[float] = []  # recent samples; see sample()
+
+    def sample(self, seconds: float) -> None:
+        """Record one task-call latency, keeping about the last ``_LATENCY_SAMPLES``."""
+        lat = self.latencies
+        lat.append(seconds)
+        if len(lat) >= 2 * _LATENCY_SAMPLES:
+            del lat[:_LATENCY_SAMPLES]
+
+    def recent(self) -> list[float]:
+        """The most recent samples, oldest first."""
+        return self.latencies[-_LATENCY_SAMPLES:]
 
 
 class Joiner:
@@ -95,11 +106,12 @@ class Joiner:
     which empties itself as items complete; then fast mode resumes.
     """
 
-    __slots__ = ("n", "queues", "table")
+    __slots__ = ("filled", "n", "queues", "table")
 
     def __init__(self, n_ports: int) -> None:
         self.n = n_ports
         self.queues: list[deque[tuple[Any, list[Any], bool]]] = [deque() for _ in range(n_ports)]
+        self.filled = 0  # how many port queues are non-empty (O(1) "all arrived?")
         self.table: dict[int, list[Any]] = {}
 
     def add(
@@ -107,15 +119,21 @@ class Joiner:
     ) -> list[tuple[Any, list[Any], bool]]:
         if self.table:
             return self._spill(port, ids, vals)
-        self.queues[port].append((ids, vals, special))
         queues = self.queues
+        q = queues[port]
+        if not q:
+            self.filled += 1
+        q.append((ids, vals, special))
         out: list[tuple[Any, list[Any], bool]] = []
-        while all(queues):
+        n = self.n
+        while self.filled == n:
             heads = [q[0] for q in queues]
             first = heads[0][0]
             if all(h[0] == first for h in heads):
                 for q in queues:
                     q.popleft()
+                    if not q:
+                        self.filled -= 1
                 cols = [h[1] for h in heads]
                 out.append((first, list(zip(*cols, strict=True)), any(h[2] for h in heads)))
                 continue
@@ -124,6 +142,7 @@ class Joiner:
                 while q:
                     q_ids, q_vals, _ = q.popleft()
                     out.extend(self._spill(p, q_ids, q_vals))
+            self.filled = 0
             break
         return out
 
@@ -183,6 +202,33 @@ class Segment:
         seg.deliver(0, range(0, 3), [1, 2, 3], False, None)
         ready.pop().run()
     """
+
+    __slots__ = (
+        "cancelled",
+        "capacity",
+        "consumers",
+        "ctx",
+        "fast",
+        "fns",
+        "held",
+        "instances",
+        "joiner",
+        "lock",
+        "n_ports",
+        "name",
+        "next_emit",
+        "next_ticket",
+        "nodes",
+        "plan",
+        "queued",
+        "running",
+        "schedule",
+        "stats",
+        "throttle",
+        "waiters",
+        "work",
+        "workers",
+    )
 
     def __init__(
         self,
@@ -347,8 +393,9 @@ class Segment:
             fast = self.fast = self.plan.fast()
         if fast is None or special:
             any_special = False
+            clean = not special
             for i, v in zip(ids, vals, strict=True):
-                r = careful(i, v, 0, timed=True)
+                r = careful(i, v, 0, timed=True, clean=clean)
                 out.append(r)
                 if r is SKIP or type(r) is Failed:
                     any_special = True
@@ -358,7 +405,7 @@ class Segment:
         fails = [0] * n_nodes
         n = len(vals)
         # the first item of each batch walks the careful path: it samples latencies
-        r = careful(ids[0], vals[0], 0, timed=True)
+        r = careful(ids[0], vals[0], 0, timed=True, clean=True)
         out.append(r)
         any_special = r is SKIP or type(r) is Failed
         start = 1
@@ -395,21 +442,31 @@ class Segment:
         self.ctx.on_task_failed(failure)
         return Failed((failure,))
 
-    def careful(self, item: Any, v: Any, k0: int, *, timed: bool) -> Any:
-        """Walk one item through nodes ``k0``.. of the chain, handling every special case."""
-        for k in range(k0, len(self.nodes)):
-            node = self.nodes[k]
+    def careful(self, item: Any, v: Any, k0: int, *, timed: bool, clean: bool = False) -> Any:
+        """Walk one item through nodes ``k0``.. of the chain, handling every special case.
+
+        ``clean``: the input is known to hold no skip or failure (saves the checks).
+        """
+        nodes = self.nodes
+        for k in range(k0, len(nodes)):
+            node = nodes[k]
             stats = self.stats[k]
             # inputs of the head may be a tuple of port values; later nodes get one value
             if k == 0 and self.n_ports > 1:
                 ports = v
+                if clean:
+                    skipped = False
+                else:
+                    failed = [p for p in ports if type(p) is Failed]
+                    if failed:
+                        v = Failed.merge(failed) if len(failed) > 1 else failed[0]
+                        continue
+                    skipped = any(p is SKIP for p in ports[: node.n_data])
             else:
+                if type(v) is Failed:
+                    continue  # a failure upstream in the chain: forward it
                 ports = (v,)
-            failed = [p for p in ports if type(p) is Failed]
-            if failed:
-                v = Failed.merge(failed) if len(failed) > 1 else failed[0]
-                continue
-            skipped = any(p is SKIP for p in ports[: node.n_data])
+                skipped = v is SKIP
             if node.map_over:
                 v = self._call_map(node, stats, item, v, ports, skipped)
                 if v is SKIP:
@@ -441,7 +498,7 @@ class Segment:
                 else:
                     r = node.call(f, v)
                 if timed:
-                    stats.latencies.append(time.perf_counter() - t0)
+                    stats.sample(time.perf_counter() - t0)
             except Exception as exc:
                 stats.failed += 1
                 v = self._failure(k, item, v, exc)
@@ -479,7 +536,7 @@ class Segment:
         b = node.spec.binding
         t0 = time.perf_counter()
         results = self.ctx.map_parallel(node.spec.task, items, b.max_parallelism)
-        stats.latencies.append(time.perf_counter() - t0)
+        stats.sample(time.perf_counter() - t0)
         failures: list[Failure] = []
         out: list[Any] = []
         for element, (ok, value) in zip(items, results, strict=True):

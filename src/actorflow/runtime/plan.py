@@ -194,6 +194,8 @@ def _node_plan(spec: NodeSpec) -> NodePlan:
     consts: dict[str, Any] = {}
     expr = _call_expr(spec, len(ports), consts)
     call = _SHARED_CALLS.get(expr)
+    if call is None and not consts and expr == _positional_join(len(ports)):
+        call = _star_call  # f(v[0], ..., v[n-1]): the usual join of n inputs
     if call is None or consts:
         ns = {**consts, "SKIP": SKIP}
         call = eval(_compiled(f"lambda f, v: {expr}", "eval"), ns)
@@ -270,6 +272,14 @@ def _compiled(source: str, mode: str) -> Any:
     if code is None:
         code = _CODE_CACHE[key] = compile(source, "<actorflow generated>", mode)
     return code
+
+
+def _positional_join(n: int) -> str:
+    return "f(" + ", ".join(f"v[{i}]" for i in range(n)) + ")"
+
+
+def _star_call(f: Any, v: Any) -> Any:
+    return f(*v)
 
 
 def _takes_parameters(spec: NodeSpec) -> bool:
@@ -365,9 +375,15 @@ def _compile_output(template: Any, n_ports: int) -> Callable[[tuple[Any, ...]], 
         return const(t)
 
     body = expr(template)
+    if body == "s[0]":
+        return _first
     ns = {**consts, "_index": _index}
-    fn: Callable[[tuple[Any, ...]], Any] = eval(f"lambda s: {body}", ns)
+    fn: Callable[[tuple[Any, ...]], Any] = eval(_compiled(f"lambda s: {body}", "eval"), ns)
     return fn
+
+
+def _first(s: tuple[Any, ...]) -> Any:
+    return s[0]
 
 
 def _index(value: Any, key: Any) -> Any:

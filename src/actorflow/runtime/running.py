@@ -14,9 +14,9 @@ from __future__ import annotations
 import bisect
 import concurrent.futures
 import itertools
+import os
 import threading
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from actorflow._markers import SKIP
 from actorflow.errors import ActorflowError, Failure, RunFailed
 from actorflow.graph import EntrySpec
-from actorflow.observe.log import get_logger
+from actorflow.observe.log import EventLog
 from actorflow.runtime.actors import HostPool
 from actorflow.runtime.node import Failed, Joiner, RunContext, Segment
 from actorflow.runtime.plan import Plan, compile_plan
@@ -198,10 +198,10 @@ class RunningFlow(RunContext):
         self.graph = graph
         self.plan = plan = compile_plan(graph)
         self.name = graph.name
-        self.run_id = run_id or f"{graph.name}-{uuid.uuid4().hex[:12]}"
+        self.run_id = run_id or f"{graph.name}-{os.urandom(6).hex()}"
         self.max_in_flight = max_in_flight
         self._batch = batch
-        self._log = get_logger(run_id=self.run_id, flow=self.name)
+        self._log = EventLog(run_id=self.run_id, flow=self.name)
         self._t0 = time.perf_counter()
         self._lock = threading.Lock()
         self._space = threading.Condition(self._lock)
@@ -214,7 +214,6 @@ class RunningFlow(RunContext):
         self._stopped = False
         self._items = 0
         self._failed_items = 0
-        self._final_metrics: dict[str, NodeMetrics] | None = None
         self._pool = HostPool(self.run_id, self._on_fatal, watcher_thread=not batch)
         capacity = edge_capacity if edge_capacity is not None else max(max_in_flight, 1)
         self._segments = [Segment(sp, self, self._pool.schedule, capacity) for sp in plan.segments]
@@ -374,6 +373,10 @@ class RunningFlow(RunContext):
             while True:
                 # read ahead, up to max_in_flight items beyond what was consumed
                 while not exhausted and outstanding < limit:
+                    # read whole chunks only: refilling just what was consumed would keep
+                    # the first small chunks' sizes for ever
+                    if outstanding and outstanding + chunk > limit:
+                        break
                     take = min(chunk, limit - outstanding)
                     batch = list(itertools.islice(values, take))
                     if len(batch) < take:
@@ -515,13 +518,11 @@ class RunningFlow(RunContext):
             for name, m in running.metrics().items():
                 print(f"{name}: {m.done} done, p99 {m.p99_s}")
         """
-        if self._final_metrics is not None:
-            return dict(self._final_metrics)
         out: dict[str, NodeMetrics] = {}
         for seg in self._segments:
             queued = seg.pending_items()
             for k, (node, stats) in enumerate(zip(seg.nodes, seg.stats, strict=True)):
-                lat = sorted(stats.latencies)
+                lat = sorted(stats.recent())
                 p50 = lat[len(lat) // 2] if lat else None
                 p99 = lat[min(len(lat) - 1, (len(lat) * 99) // 100)] if lat else None
                 out[node.name] = NodeMetrics(
@@ -599,8 +600,7 @@ class RunningFlow(RunContext):
                     b.owner.future.cancel()
                 else:
                     b.owner.abort(cancelled)
-            self._pool.shutdown()
-            self._final_metrics = self.metrics()
+            self._pool.shutdown()  # counters are final from here on: metrics() reads them
             if not self._batch:
                 self._log.info(
                     "run_finished",
