@@ -564,3 +564,19 @@ def test_host_threads_retire_and_none_remains_after_the_block() -> None:
         assert running.submit(1).result(10) == [1] * 6
         wait_until(lambda: running._pool.n_hosts <= 3)
     assert not [t for t in threading.enumerate() if t.name.startswith("ActorflowHost")]
+
+
+def test_debug_logging_reports_node_lifecycle_and_every_task_call(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.DEBUG, logger="actorflow"):
+        with evens_doubled.start() as running:
+            assert list(running.map(range(4))) == [0, af.SKIP, 4, af.SKIP]
+    events = [(r.getMessage(), r.__dict__.get("task")) for r in caplog.records]
+    assert ("node_started", "keep_even") in events
+    assert ("node_finished", "double") in events
+    calls = [r for r in caplog.records if r.getMessage() == "task_finished"]
+    assert sorted((r.task, r.item_id) for r in calls) == sorted(  # type: ignore[attr-defined]
+        [("keep_even", i) for i in range(4)] + [("double", 0), ("double", 2)]
+    )
+    assert all(r.elapsed_s >= 0 and r.run_id == running.run_id for r in calls)  # type: ignore[attr-defined]

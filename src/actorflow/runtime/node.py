@@ -391,11 +391,12 @@ class Segment:
         fast = self.fast if len(vals) > 1 else None
         if fast is None and len(vals) > 1:
             fast = self.fast = self.plan.fast()
-        if fast is None or special:
+        debug = _debug_enabled()  # one check per batch; DEBUG events need the careful path
+        if fast is None or special or debug:
             any_special = False
             clean = not special
             for i, v in zip(ids, vals, strict=True):
-                r = careful(i, v, 0, timed=True, clean=clean)
+                r = careful(i, v, 0, timed=True, clean=clean, debug=debug)
                 out.append(r)
                 if r is SKIP or type(r) is Failed:
                     any_special = True
@@ -442,10 +443,20 @@ class Segment:
         self.ctx.on_task_failed(failure)
         return Failed((failure,))
 
-    def careful(self, item: Any, v: Any, k0: int, *, timed: bool, clean: bool = False) -> Any:
+    def careful(
+        self,
+        item: Any,
+        v: Any,
+        k0: int,
+        *,
+        timed: bool,
+        clean: bool = False,
+        debug: bool = False,
+    ) -> Any:
         """Walk one item through nodes ``k0``.. of the chain, handling every special case.
 
         ``clean``: the input is known to hold no skip or failure (saves the checks).
+        ``debug``: emit a ``task_finished`` DEBUG event per call (``timed`` too).
         """
         nodes = self.nodes
         for k in range(k0, len(nodes)):
@@ -498,7 +509,12 @@ class Segment:
                 else:
                     r = node.call(f, v)
                 if timed:
-                    stats.sample(time.perf_counter() - t0)
+                    elapsed = time.perf_counter() - t0
+                    stats.sample(elapsed)
+                    if debug:
+                        self.ctx.log.debug(
+                            "task_finished", task=node.name, item_id=item, elapsed_s=elapsed
+                        )
             except Exception as exc:
                 stats.failed += 1
                 v = self._failure(k, item, v, exc)
@@ -612,10 +628,15 @@ class _SkipNode(Exception):
     pass
 
 
+def _debug_enabled() -> bool:
+    return _log.isEnabledFor(logging.DEBUG)
+
+
 class RunContext:
-    """What a segment needs from its run: identity, failure reporting, parallel map."""
+    """What a segment needs from its run: identity, events, failure reporting, parallel map."""
 
     run_id: str = ""
+    log: Any = None  # an EventLog bound with the run's id
 
     def on_task_failed(self, failure: Failure) -> None:  # pragma: no cover - interface
         raise NotImplementedError

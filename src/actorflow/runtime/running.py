@@ -14,6 +14,7 @@ from __future__ import annotations
 import bisect
 import concurrent.futures
 import itertools
+import logging
 import os
 import threading
 import time
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from actorflow._markers import SKIP
 from actorflow.errors import ActorflowError, Failure, RunFailed
 from actorflow.graph import EntrySpec
-from actorflow.observe.log import EventLog
+from actorflow.observe.log import EventLog, enabled
 from actorflow.runtime.actors import HostPool
 from actorflow.runtime.node import Failed, Joiner, RunContext, Segment
 from actorflow.runtime.plan import Plan, compile_plan
@@ -201,7 +202,7 @@ class RunningFlow(RunContext):
         self.run_id = run_id or f"{graph.name}-{os.urandom(6).hex()}"
         self.max_in_flight = max_in_flight
         self._batch = batch
-        self._log = EventLog(run_id=self.run_id, flow=self.name)
+        self._log = self.log = EventLog(run_id=self.run_id, flow=self.name)
         self._t0 = time.perf_counter()
         self._lock = threading.Lock()
         self._space = threading.Condition(self._lock)
@@ -225,6 +226,16 @@ class RunningFlow(RunContext):
         self._entry = graph.validate().entry
         if not batch:
             self._log.info("run_started", nodes=plan.n_nodes, segments=len(plan.segments))
+        if enabled(logging.DEBUG):
+            for seg in self._segments:
+                for node in seg.nodes:
+                    self._log.debug(
+                        "node_started",
+                        task=node.name,
+                        segment=seg.plan.index,
+                        fused_with=[n.name for n in seg.nodes if n is not node],
+                        workers=seg.workers,
+                    )
 
     def _target(self, index: int) -> Any:
         return self._sink if index == -1 else self._segments[index]
@@ -601,6 +612,11 @@ class RunningFlow(RunContext):
                 else:
                     b.owner.abort(cancelled)
             self._pool.shutdown()  # counters are final from here on: metrics() reads them
+            if enabled(logging.DEBUG):
+                for name, m in self.metrics().items():
+                    self._log.debug(
+                        "node_finished", task=name, done=m.done, failed=m.failed, skipped=m.skipped
+                    )
             if not self._batch:
                 self._log.info(
                     "run_finished",
