@@ -31,5 +31,10 @@ def no_thread_leaks() -> Iterator[None]:
     """
     before = _threads()
     yield
-    leaked = _threads() - before
+    leaked = {
+        t
+        for t in _threads() - before
+        # a timed-out call's runner is abandoned on purpose (a thread cannot be killed)
+        if not (t.daemon and t.name.startswith("actorflow-timeout-"))
+    }
     assert not leaked, f"threads left running after the test: {sorted(t.name for t in leaked)}"

@@ -236,10 +236,6 @@ def test_a_reserved_run_option_cannot_be_a_flow_parameter() -> None:
 @pytest.mark.parametrize(
     ("options", "fragment"),
     [
-        ({"retries": 3}, "retries"),
-        ({"timeout": 1.0}, "timeout"),
-        ({"retry_on": (ValueError,)}, "retry_on"),
-        ({"backoff": af.Backoff(initial=1.0)}, "backoff"),
         ({"key": lambda e: e}, "key="),
         ({"executor": "process"}, "executor='process'"),
     ],
@@ -263,6 +259,22 @@ def test_async_and_generator_tasks_are_refused_until_their_issue() -> None:
         af.task(lookup)
     with pytest.raises(af.GraphError, match="generator function"):
         af.task(lines)
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [
+        ({"retries": -1}, "retries must be an int >= 0"),
+        ({"timeout": 0}, "timeout must be seconds > 0"),
+        ({"retry_on": ValueError("x")}, "retry_on must be a tuple of exception classes"),
+        ({"backoff": 2.0}, "backoff must be an af.Backoff"),
+        ({"workers": 0}, "workers must be an int >= 1"),
+    ],
+)
+def test_bad_task_options_are_refused_with_the_fix(options: dict[str, Any], fragment: str) -> None:
+    with pytest.raises(af.GraphError, match="task '<lambda>'") as info:
+        af.task(**options)(lambda x: x)
+    assert fragment in str(info.value)
 
 
 def test_run_options_of_later_milestones_are_refused() -> None:

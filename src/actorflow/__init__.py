@@ -38,6 +38,7 @@ from actorflow.errors import (
 from actorflow.flow import Flow, Node, flow, map
 from actorflow.graph import Graph, NodeSpec
 from actorflow.runtime.running import NodeMetrics, RunningFlow
+from actorflow.supervision import Supervision
 from actorflow.task import Backoff, Task, task
 
 __all__ = [
@@ -54,6 +55,7 @@ __all__ = [
     "RunFailed",
     "RunningFlow",
     "StoreError",
+    "Supervision",
     "Task",
     "TaskTimeout",
     "WorkerCrashed",

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Generic, NoReturn, ParamSpec, TypeVar, overload
 
 from actorflow import _trace
-from actorflow.errors import GraphError
+from actorflow.errors import Failure, GraphError
 from actorflow.graph import (
     _RESERVED,
     INPUT,
@@ -28,6 +28,7 @@ from actorflow.graph import (
     _OutRef,
     _refuse_later_options,
 )
+from actorflow.supervision import Supervision
 from actorflow.task import Task, as_task
 
 if TYPE_CHECKING:
@@ -115,19 +116,24 @@ class Node:
     def __call__(self, *args: Any, **kwargs: Any) -> NoReturn:
         _misuse(self, "as a function", "call tasks, not Nodes")
 
-    def exceptionally(self, handler: Any) -> NoReturn:
-        """Turn a failure back into a value (arrives with issue 3: error semantics)."""
-        raise GraphError(
-            f"node {self._name!r}: .exceptionally() is not implemented yet (issue 3: "
-            "supervision and error semantics); handle the error inside the task for now"
-        )
+    def exceptionally(self, handler: Callable[[Any], Any]) -> Node:
+        """A Node that turns this node's failure back into a value.
 
-    def finally_do(self, handler: Any) -> NoReturn:
-        """Run a handler after the node (arrives with issue 3: error semantics)."""
-        raise GraphError(
-            f"node {self._name!r}: .finally_do() is not implemented yet (issue 3: "
-            "supervision and error semantics)"
-        )
+        ``handler(failure: af.Failure) -> value`` runs only when the item
+        failed upstream (after retries ran out); without an error it is
+        skipped and the value passes through unchanged. A handler that raises
+        fails the item with its own failure. Handlers may be tasks or plain
+        callables. With several failures joined upstream, the handler gets
+        the first.
+
+        Example::
+
+            @af.flow
+            def f(url):
+                page = fetch(url).exceptionally(lambda failure: "<cached page>")
+                return parse(page)
+        """
+        return self._tracer.exceptionally(self, handler)
 
 
 _BRANCH = "branch inside a task, or return a pipeline from a task"
@@ -187,6 +193,14 @@ class _Tracer:
         kw_t = tuple((k, self._template(v, deps, name, direct=True)) for k, v in kwargs.items())
         after = self._after(after_arg, name)
         self.specs[name] = NodeSpec(name, t, tuple(deps), after, Binding(arg_t, kw_t))
+        return Node(self, name)
+
+    def exceptionally(self, node: Node, handler: Any) -> Node:
+        t = as_task(handler)
+        self._own(node, t.name)
+        name = self._name_for(t.name)
+        binding = Binding((Ref(0, node._path),))
+        self.specs[name] = NodeSpec(name, t, (node._name,), (), binding, kind="exceptionally")
         return Node(self, name)
 
     def map_call(
@@ -325,9 +339,19 @@ class Flow(Generic[P, R]):
             running.submit("http://y").result()
     """
 
-    def __init__(self, fn: Callable[P, R], *, name: str | None = None) -> None:
+    def __init__(
+        self,
+        fn: Callable[P, R],
+        *,
+        name: str | None = None,
+        finally_do: Callable[..., Any] | None = None,
+        supervision: Supervision | None = None,
+    ) -> None:
         self.fn = fn
         self._graph: Graph | None = None
+        self._finally = finally_do
+        self._supervision = supervision
+        self._on_failure: list[Callable[[Failure], Any]] = []
         functools.update_wrapper(self, fn)
         self.name: str = name or getattr(fn, "__name__", None) or "flow"
 
@@ -336,6 +360,9 @@ class Flow(Generic[P, R]):
         """The traced, validated :class:`Graph` (traced on first use, then cached)."""
         if self._graph is None:
             graph = self._trace()
+            graph._on_failure = self._on_failure  # shared: handlers added later apply too
+            graph._finally = self._finally
+            graph._supervision = self._supervision
             graph.validate()
             self._graph = graph
         return self._graph
@@ -417,11 +444,24 @@ class Flow(Generic[P, R]):
             )
         return self.fn(*args, **kwargs)
 
-    def on_failure(self, handler: Any) -> NoReturn:
-        """Register an alerting hook (arrives with issue 3: supervision)."""
-        raise GraphError(
-            f"flow {self.name!r}: on_failure() is not implemented yet (issue 3: supervision)"
-        )
+    def on_failure(self, handler: Callable[[Failure], Any]) -> Callable[[Failure], Any]:
+        """Register ``handler(af.Failure)``, called once for every failure whose retries ran out.
+
+        Also for failures later recovered by ``exceptionally``. It runs before
+        ``run()`` returns or the item's future resolves; a handler that raises
+        is logged (``on_failure_handler_failed``) and never changes the
+        result. Returns the handler, so it can be used as a decorator.
+
+        Example::
+
+            @analysis.on_failure
+            def alert(failure):
+                pager.send(f"{failure.task} failed: {failure.message}")
+        """
+        if not callable(handler):
+            raise TypeError(f"on_failure needs a callable, got {handler!r}")
+        self._on_failure.append(handler)
+        return handler
 
     def __repr__(self) -> str:
         return f"<af.flow {self.name!r}>"
@@ -433,7 +473,12 @@ def flow(fn: Callable[P, R], /) -> Flow[P, R]: ...
 
 @overload
 def flow(
-    fn: None = None, /, *, name: str | None = None, finally_do: Any = None
+    fn: None = None,
+    /,
+    *,
+    name: str | None = None,
+    finally_do: Callable[..., Any] | None = None,
+    supervision: Supervision | None = None,
 ) -> Callable[[Callable[P, R]], Flow[P, R]]: ...
 
 
@@ -442,7 +487,8 @@ def flow(
     /,
     *,
     name: str | None = None,
-    finally_do: Any = None,
+    finally_do: Callable[..., Any] | None = None,
+    supervision: Supervision | None = None,
 ) -> Flow[P, R] | Callable[[Callable[P, R]], Flow[P, R]]:
     """Turn a function that calls tasks into a dataflow graph.
 
@@ -462,15 +508,28 @@ def flow(
             return {"report": report}
 
         analysis.run("http://x")                   # -> {"report": ...}
+
+    ``finally_do=cleanup`` calls ``cleanup(outcome)`` once per run / item,
+    after success, failure (``outcome`` is the ``af.Failure``) or cancellation;
+    it does not change the result, but if it raises, its failure replaces the
+    result (never swallowed). A cleanup taking no parameter is called with
+    none. ``supervision=af.Supervision(...)`` sets the restart policy of the
+    run's supervisor (see :class:`~actorflow.Supervision`).
+
+    Example::
+
+        @af.flow(finally_do=release_lock)
+        def job(x): ...
     """
-    if finally_do is not None:
+    if finally_do is not None and not callable(finally_do):
         raise GraphError(
-            "flow option finally_do= is not implemented yet (issue 3: supervision and error "
-            "semantics); remove it for now"
+            f"finally_do must be a callable (a task or a function), got {finally_do!r}"
         )
+    if supervision is not None and not isinstance(supervision, Supervision):
+        raise GraphError(f"supervision must be an af.Supervision(...), got {supervision!r}")
 
     def wrap(f: Callable[P, R]) -> Flow[P, R]:
-        return Flow(f, name=name)
+        return Flow(f, name=name, finally_do=finally_do, supervision=supervision)
 
     if fn is not None:
         return wrap(fn)

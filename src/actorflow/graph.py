@@ -88,6 +88,7 @@ class NodeSpec:
     deps: tuple[str, ...] = ()
     after: tuple[str, ...] = ()
     binding: Binding = field(default_factory=Binding)
+    kind: str = "task"  # "task", or "exceptionally": a handler that turns a failure into a value
     inputs: tuple[str, ...] = field(init=False, repr=False, compare=False)
     """Every node this one waits for: data deps, then ``after`` deps not already there."""
 
@@ -119,8 +120,17 @@ class Graph:
             running.submit().result()
     """
 
-    def __init__(self, name: str = "graph") -> None:
+    def __init__(
+        self,
+        name: str = "graph",
+        *,
+        finally_do: Callable[..., Any] | None = None,
+        supervision: Any = None,
+    ) -> None:
         self.name = name
+        self._on_failure: list[Callable[[Any], Any]] = []
+        self._finally = finally_do
+        self._supervision = supervision
         self._specs: dict[str, NodeSpec] = {}
         self._output: Any = None  # template over node names; None: dict of leaves
         self._entry: EntrySpec = EntrySpec.passthrough()
@@ -169,6 +179,18 @@ class Graph:
         self._specs[name] = NodeSpec(name, t, deps, tuple(after), binding)
         self._validated = None
         return self
+
+    def on_failure(self, handler: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        """Register ``handler(af.Failure)`` for every failure whose retries ran out.
+
+        Example::
+
+            g.on_failure(lambda failure: alerts.append(failure.task))
+        """
+        if not callable(handler):
+            raise TypeError(f"on_failure needs a callable, got {handler!r}")
+        self._on_failure.append(handler)
+        return handler
 
     # -- inspection ----------------------------------------------------------
     @property

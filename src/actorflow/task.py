@@ -52,16 +52,25 @@ class Backoff:
         """
         return float(min(self.maximum, self.initial * self.factor ** (retry - 1)))
 
+    def jittered(self, retry: int, rng: Any = None) -> float:
+        """The delay of retry ``retry`` spread uniformly by ``± jitter * delay``.
+
+        Example::
+
+            0.09 <= Backoff(initial=0.1, jitter=0.1).jittered(1) <= 0.11
+        """
+        import random
+
+        base = self.delay(retry)
+        spread: float = (rng or random).uniform(-self.jitter, self.jitter)
+        return max(0.0, base * (1.0 + spread))
+
 
 _DEFAULT_BACKOFF = Backoff()
 
 # Options described in DESIGN.md whose implementation lands in a later issue.
 # They are refused loudly instead of being silently ignored.
 _LATER = {
-    "retries": "retries (issue 3: supervision and retries)",
-    "backoff": "backoff (issue 3: supervision and retries)",
-    "retry_on": "retry_on (issue 3: supervision and retries)",
-    "timeout": "timeout (issue 3: supervision and retries)",
     "key": "key= for keyed stateful tasks (issue 4: executors)",
 }
 
@@ -71,7 +80,8 @@ class Task(Generic[P, R]):
 
     Attributes: ``name``, ``fn`` (the wrapped function or class), ``executor``
     (``"thread"``), ``workers`` (how many calls, or class instances, run at
-    once), ``is_class``.
+    once), ``is_class``, and the retry policy ``retries``, ``backoff``,
+    ``retry_on``, ``timeout``.
 
     Example::
 
@@ -85,10 +95,14 @@ class Task(Generic[P, R]):
     __slots__ = (
         "__dict__",
         "__wrapped__",
+        "backoff",
         "executor",
         "fn",
         "is_class",
         "name",
+        "retries",
+        "retry_on",
+        "timeout",
         "workers",
     )
 
@@ -99,6 +113,10 @@ class Task(Generic[P, R]):
         name: str | None = None,
         executor: str = "thread",
         workers: int = 1,
+        retries: int = 0,
+        backoff: Backoff | None = None,
+        retry_on: tuple[type[BaseException], ...] | None = None,
+        timeout: float | None = None,
     ) -> None:
         if isinstance(fn, Task):
             fn = fn.fn
@@ -109,6 +127,10 @@ class Task(Generic[P, R]):
         self.name: str = name or getattr(fn, "__name__", None) or type(fn).__name__
         self.executor = executor
         self.workers = workers
+        self.retries = retries
+        self.backoff = backoff or _DEFAULT_BACKOFF
+        self.retry_on = retry_on
+        self.timeout = timeout
         self.__wrapped__ = fn
         functools.update_wrapper(self, fn, updated=())
 
@@ -148,7 +170,29 @@ class Task(Generic[P, R]):
                 target = getattr(target, part, None)
             if target is self:
                 return qualname
-        return (_rebuild_task, (self.fn, self.name, self.executor, self.workers))
+        return (_rebuild_task, (self.fn, self._options()))
+
+    def _options(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "executor": self.executor,
+            "workers": self.workers,
+            "retries": self.retries,
+            "backoff": self.backoff,
+            "retry_on": self.retry_on,
+            "timeout": self.timeout,
+        }
+
+    def retryable(self, exc: BaseException, attempt: int) -> bool:
+        """Whether attempt number ``attempt`` failing with ``exc`` gets another try.
+
+        Example::
+
+            fetch.retryable(ConnectionError(), attempt=1)   # True with retries >= 1
+        """
+        if attempt > self.retries or not isinstance(exc, Exception):
+            return False
+        return self.retry_on is None or isinstance(exc, self.retry_on)
 
 
 _ANY_SIGNATURE = inspect.Signature(
@@ -172,8 +216,8 @@ def _signature(fn: Any, is_class: bool) -> inspect.Signature:
     return sig
 
 
-def _rebuild_task(fn: Any, name: str, executor: str, workers: int) -> Task[Any, Any]:
-    return Task(fn, name=name, executor=executor, workers=workers)
+def _rebuild_task(fn: Any, options: dict[str, Any]) -> Task[Any, Any]:
+    return Task(fn, **options)
 
 
 @overload
@@ -217,9 +261,17 @@ def task(
     class task keeps its state for as long as the graph runs; every ``run()``
     and ``start()`` gets fresh instances.
 
-    Options of later milestones (``executor="process"``, async tasks,
-    ``retries``, ``backoff``, ``retry_on``, ``timeout``, ``key``) are refused
-    with :class:`~actorflow.GraphError` instead of being ignored.
+    Retry policy: ``retries=N`` allows up to N+1 calls per item; the delay
+    before retry k is ``backoff.delay(k)`` spread by its jitter; ``retry_on``
+    limits retries to those exception classes (default: any ``Exception``);
+    ``timeout`` (seconds) fails an attempt that runs longer with
+    :class:`~actorflow.TaskTimeout` (a thread cannot be killed: it is
+    abandoned, its late result discarded and counted). A pending retry waits
+    on a timer, never blocking the node's other items; a retried item is
+    emitted when it succeeds, after items that arrived later.
+
+    Options of later milestones (``executor="process"``, async tasks, ``key``)
+    are refused with :class:`~actorflow.GraphError` instead of being ignored.
 
     Example::
 
@@ -227,7 +279,7 @@ def task(
         def parse(line: str) -> dict:
             return json.loads(line)
 
-        @af.task(name="fetch", workers=8)
+        @af.task(name="fetch", workers=8, retries=3, retry_on=(ConnectionError,), timeout=5.0)
         def fetch(url: str) -> bytes: ...
 
         @af.task
@@ -240,13 +292,7 @@ def task(
 
         parse('{"a": 1}')    # -> {"a": 1}: outside a flow, a plain call
     """
-    given = {
-        "retries": retries != 0,
-        "backoff": backoff is not None and backoff != _DEFAULT_BACKOFF,
-        "retry_on": retry_on is not None,
-        "timeout": timeout is not None,
-        "key": key is not None,
-    }
+    given = {"key": key is not None}
 
     def wrap(f: Callable[P, R]) -> Task[P, R]:
         label = name or getattr(f, "__name__", repr(f))
@@ -275,7 +321,38 @@ def task(
             )
         if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
             raise GraphError(f"task {label!r}: workers must be an int >= 1, got {workers!r}")
-        return Task(f, name=name, executor=executor, workers=workers)
+        if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
+            raise GraphError(f"task {label!r}: retries must be an int >= 0, got {retries!r}")
+        if backoff is not None and not isinstance(backoff, Backoff):
+            raise GraphError(
+                f"task {label!r}: backoff must be an af.Backoff(initial=, factor=, maximum=, "
+                f"jitter=), got {backoff!r}"
+            )
+        on: Any = retry_on
+        if isinstance(on, type):
+            on = (on,)  # a single exception class is accepted as a 1-tuple
+        if on is not None and not (
+            isinstance(on, tuple)
+            and all(isinstance(e, type) and issubclass(e, BaseException) for e in on)
+        ):
+            raise GraphError(
+                f"task {label!r}: retry_on must be a tuple of exception classes, "
+                f"e.g. retry_on=(ConnectionError,), got {retry_on!r}"
+            )
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0
+        ):
+            raise GraphError(f"task {label!r}: timeout must be seconds > 0, got {timeout!r}")
+        return Task(
+            f,
+            name=name,
+            executor=executor,
+            workers=workers,
+            retries=retries,
+            backoff=backoff,
+            retry_on=on,
+            timeout=None if timeout is None else float(timeout),
+        )
 
     if fn is not None:
         return wrap(fn)

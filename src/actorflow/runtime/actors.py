@@ -22,6 +22,7 @@ a host catches everything and reports it to the pool's ``on_fatal``.
 
 from __future__ import annotations
 
+import heapq
 import os
 import threading
 import time
@@ -103,6 +104,8 @@ class HostPool:
         self._use_watcher_thread = watcher_thread
         self._watcher: threading.Thread | None = None
         self._watch_sleeping = False  # the watcher waits without timeout: wake it on work
+        self._timers: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
+        self._timer_seq = 0
         self._refs: list[pykka.ActorRef[Any]] = []
 
     # -- scheduling ------------------------------------------------------------
@@ -232,15 +235,54 @@ class HostPool:
                 mark = self._watch_step(mark)
 
     def _sleep_or_poll(self) -> None:
-        """Under the lock: poll every ``stall_s`` while any host works, else sleep until woken."""
+        """Under the lock: poll every ``stall_s`` while any host works, else sleep until woken.
+
+        Due timers fire here (outside the lock), so the watcher is the run's clock.
+        """
+        timeout: float | None = None
         if self.ready or self.n_hosts > len(self.idle):
-            self.cond.wait(self.stall_s)
-        else:
+            timeout = self.stall_s
+        if self._timers:
+            until = self._timers[0][0] - time.monotonic()
+            timeout = until if timeout is None else min(timeout, until)
+        if timeout is None:
             self._watch_sleeping = True
             try:
                 self.cond.wait()
             finally:
                 self._watch_sleeping = False
+        elif timeout > 0:
+            self.cond.wait(timeout)
+        self._fire_timers()
+
+    def call_later(self, delay: float, fn: Callable[..., None], *args: Any) -> None:
+        """Call ``fn(*args)`` in the watcher after ``delay`` seconds (retries, timeouts).
+
+        Example::
+
+            pool.call_later(0.05, segment.retry, item)
+        """
+        with self.lock:
+            if self.closed:
+                return
+            self._timer_seq += 1
+            heapq.heappush(self._timers, (time.monotonic() + delay, self._timer_seq, fn, args))
+            if self._use_watcher_thread and self._watcher is None:
+                self._start_watcher()
+            self.cond.notify_all()  # the watcher recomputes its deadline
+
+    def _fire_timers(self) -> None:
+        # under the lock; callbacks run outside it (they take segment locks, then ours)
+        now = time.monotonic()
+        while self._timers and self._timers[0][0] <= now and not self.closed:
+            _, _, fn, args = heapq.heappop(self._timers)
+            self.lock.release()
+            try:
+                fn(*args)
+            except BaseException as exc:
+                self._report_fatal(exc)
+            finally:
+                self.lock.acquire()
 
     # -- failures and shutdown ---------------------------------------------------
     def _register_thread(self, thread: threading.Thread) -> None:
@@ -271,6 +313,7 @@ class HostPool:
         with self.lock:
             self.closed = True
             self.ready.clear()
+            self._timers.clear()
             refs = list(self._refs)
             self.idle.clear()
             self.cond.notify_all()
@@ -345,3 +388,127 @@ class _MapState:
         with self.cond:
             while self.active:
                 self.cond.wait()
+
+
+class Deadlines:
+    """Runs calls that have a timeout on daemon runner threads, abandoning late ones.
+
+    A thread cannot be killed: a call over its timeout is abandoned (its
+    runner thread is a daemon, left to finish on its own), the caller gets
+    :class:`~actorflow.TaskTimeout`, and the late result is discarded and
+    counted in ``late``. Runners that finished in time are reused; at
+    shutdown idle runners are stopped and joined, abandoned ones are reported.
+
+    Example::
+
+        deadlines = Deadlines("r1")
+        deadlines.call(lambda: fetch(url), 5.0, "fetch", item=3, attempt=1)
+        deadlines.shutdown()
+    """
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        self.lock = threading.Lock()
+        self.idle: list[_Runner] = []
+        self.runners: list[_Runner] = []
+        self.abandoned = 0
+        self.late = 0  # late results discarded
+        self.closed = False
+
+    def call(
+        self, thunk: Callable[[], Any], timeout: float, task: str, item: Any, attempt: int
+    ) -> Any:
+        """Return ``thunk()``, or raise TaskTimeout once ``timeout`` seconds have passed."""
+        with self.lock:
+            runner = self.idle.pop() if self.idle else None
+        if runner is None:
+            runner = _Runner(self, f"actorflow-timeout-{self.run_id}-{len(self.runners)}")
+            with self.lock:
+                self.runners.append(runner)
+        job = _TimedJob(thunk)
+        runner.give(job)
+        if job.done.wait(timeout):
+            with self.lock:
+                self.idle.append(runner)
+            if job.error is not None:
+                raise job.error
+            return job.result
+        with self.lock:
+            job.abandoned = True
+            self.abandoned += 1
+            if not job.done.is_set():
+                runner.abandon()
+            else:  # finished at the last moment: keep the runner, drop the result
+                self.late += 1
+                self.idle.append(runner)
+        from actorflow.errors import TaskTimeout
+
+        raise TaskTimeout(
+            f"task {task!r} (item {item!r}, attempt {attempt}) took longer than {timeout} s; "
+            "the call was abandoned (a thread cannot be killed: it runs on until it returns, "
+            "and its late result is discarded)"
+        )
+
+    def _late_result(self) -> None:
+        with self.lock:
+            self.late += 1
+
+    def shutdown(self) -> int:
+        """Stop and join idle runners; return how many abandoned threads are still running."""
+        with self.lock:
+            self.closed = True
+            runners = list(self.runners)
+        for r in runners:
+            r.give(None)
+        for r in runners:
+            if not r.abandoned:
+                r.thread.join()
+        return sum(1 for r in runners if r.abandoned and r.thread.is_alive())
+
+
+class _TimedJob:
+    __slots__ = ("abandoned", "done", "error", "result", "thunk")
+
+    def __init__(self, thunk: Callable[[], Any]) -> None:
+        self.thunk = thunk
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.abandoned = False
+
+
+class _Runner:
+    """One daemon thread that runs timed calls one at a time."""
+
+    def __init__(self, owner: Deadlines, name: str) -> None:
+        self.owner = owner
+        self.slot: deque[_TimedJob | None] = deque()
+        self.ready = threading.Semaphore(0)
+        self.abandoned = False
+        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self.thread.start()
+
+    def give(self, job: _TimedJob | None) -> None:
+        self.slot.append(job)
+        self.ready.release()
+
+    def abandon(self) -> None:
+        # under owner.lock: the runner exits after its current call
+        self.abandoned = True
+
+    def _loop(self) -> None:
+        while True:
+            self.ready.acquire()
+            job = self.slot.popleft()
+            if job is None:
+                return
+            try:
+                job.result = job.thunk()
+            except BaseException as exc:
+                job.error = exc
+            with self.owner.lock:
+                job.done.set()
+                if job.abandoned:
+                    self.owner.late += 1
+                if self.abandoned:
+                    return

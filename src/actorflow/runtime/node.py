@@ -174,6 +174,44 @@ class Joiner:
 _MISSING: Any = object()
 
 
+class _Marker:
+    """A named sentinel of the state machine."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+_PENDING: Any = _Marker("<pending retry>")  # the item waits on a timer for its next attempt
+_NOT_RUN: Any = _Marker("<not run: skipped input>")
+
+
+class _Resume:
+    """A retried item re-entering its segment: start at node ``k``, attempt ``attempt``."""
+
+    __slots__ = ("attempt", "k", "v")
+
+    def __init__(self, k: int, v: Any, attempt: int) -> None:
+        self.k = k
+        self.v = v
+        self.attempt = attempt
+
+
+class InjectedCrash(Exception):
+    """An internal error injected by ``actorflow.testing.crash_node`` (fault injection)."""
+
+
+def _message(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:
+        return f"<{type(exc).__name__} with unprintable message>"
+
+
 def _is_special(v: Any) -> bool:
     return v is SKIP or type(v) is Failed
 
@@ -207,6 +245,7 @@ class Segment:
         "cancelled",
         "capacity",
         "consumers",
+        "crash_next",
         "ctx",
         "fast",
         "fns",
@@ -221,6 +260,8 @@ class Segment:
         "nodes",
         "plan",
         "queued",
+        "restarts",
+        "retrying",
         "running",
         "schedule",
         "stats",
@@ -261,6 +302,9 @@ class Segment:
         self.instances: list[Any] = []  # free instances of a class task
         self.fast: Callable[..., None] | None = None
         self.cancelled = False
+        self.retrying = 0  # items waiting on a retry timer
+        self.restarts = 0
+        self.crash_next = 0  # fault injection: crash this many upcoming batches
 
     # -- lifecycle -----------------------------------------------------------
     def open(self) -> None:
@@ -273,6 +317,21 @@ class Segment:
                 self.fns.append(None)
             else:
                 self.fns.append(t.fn)
+
+    def restart(self) -> None:
+        """Restart after an internal error: fresh class-task instances, queued work kept.
+
+        Like an OTP restart, state held by the node's task instances starts
+        over; the batch that was being processed was put back and is replayed
+        (at least once: nodes of a fused chain that ran before the error may
+        run again for its items).
+        """
+        self.restarts += 1
+        with self.lock:
+            for node in self.nodes:
+                t = node.spec.task
+                if t.is_class:
+                    self.instances = [t.fn() for _ in range(t.workers)]
 
     def connect(self, consumers: list[tuple[Any, int]]) -> None:
         self.consumers = [(target, port, Edge()) for target, port in consumers]
@@ -328,6 +387,7 @@ class Segment:
         starve the others.
         """
         batches = 0
+        requeue = False
         while True:
             wake: list[Segment] = []
             with self.lock:
@@ -348,22 +408,41 @@ class Segment:
             head = self.stats[0]
             head.in_flight += n
             try:
-                out, out_special = self.process(ids, vals, special)
-            finally:
+                out_ids, out, out_special = self.process(ids, vals, special)
+            except Exception as exc:
+                # an internal error (not a task's: those are captured per item):
+                # put the batch back first, then let the supervisor decide
+                with self.lock:
+                    self.work.appendleft((ticket, ids, vals, special))
+                    self.queued += n
+                    self.running -= 1
                 head.in_flight -= n
+                self.ctx.on_segment_crash(self, exc)
+                return
+            head.in_flight -= n
             if self.workers == 1:
-                throttled = self.emit(ids, out, out_special)
+                if not out:
+                    continue  # every item of the batch is waiting for a retry
+                throttled = self.emit(out_ids, out, out_special)
                 if throttled:
                     with self.lock:
                         self.throttle += throttled
             else:
                 with self.lock:  # re-order: emit batches in the order they were queued
-                    self.held[ticket] = (ids, out, out_special)
+                    self.held[ticket] = (out_ids, out, out_special)
                     while self.next_emit in self.held:
                         e_ids, e_vals, e_special = self.held.pop(self.next_emit)
                         self.next_emit += 1
-                        self.throttle += self.emit(e_ids, e_vals, e_special)
+                        if e_vals:
+                            self.throttle += self.emit(e_ids, e_vals, e_special)
         if requeue:  # keep our runner slot, but go to the back of the ready queue
+            self.schedule(self)
+
+    def resume(self) -> None:
+        """Ask for runners again (after a restart) if work is waiting."""
+        with self.lock:
+            runners = self._claim_runners()
+        for _ in range(runners):
             self.schedule(self)
 
     def unthrottle(self) -> None:
@@ -384,64 +463,132 @@ class Segment:
                 throttled += 1
         return throttled
 
-    def process(self, ids: Any, vals: list[Any], special: bool) -> tuple[list[Any], bool]:
-        """Run the chain over one batch; return (outputs, whether any is special)."""
+    def process(self, ids: Any, vals: list[Any], special: bool) -> tuple[Any, list[Any], bool]:
+        """Run the chain over one batch; return (ids, outputs, whether any is special).
+
+        Items whose failing call will be retried are held back: they are left
+        out of the returned batch and re-enter the segment when their timer fires.
+        """
+        if self.crash_next:  # fault injection (actorflow.testing): an internal error
+            self.crash_next -= 1
+            raise InjectedCrash(f"injected crash in node {self.name!r}")
         out: list[Any] = []
         careful = self.careful
-        fast = self.fast if len(vals) > 1 else None
-        if fast is None and len(vals) > 1:
+        n = len(vals)
+        fast = self.fast if n > 1 else None
+        if fast is None and n > 1:
             fast = self.fast = self.plan.fast()
         debug = _debug_enabled()  # one check per batch; DEBUG events need the careful path
+        held = 0
+        any_special = False
         if fast is None or special or debug:
-            any_special = False
             clean = not special
             for i, v in zip(ids, vals, strict=True):
                 r = careful(i, v, 0, timed=True, clean=clean, debug=debug)
                 out.append(r)
                 if r is SKIP or type(r) is Failed:
                     any_special = True
-            return out, any_special
-        n_nodes = len(self.nodes)
+                elif r is _PENDING:
+                    held += 1
+            return (*self._without_held(ids, out, held), any_special)
+        nodes = self.nodes
+        n_nodes = len(nodes)
         skips = [0] * n_nodes
-        fails = [0] * n_nodes
-        n = len(vals)
+        stopped = [0] * n_nodes  # items that left node k failed or pending a retry
         # the first item of each batch walks the careful path: it samples latencies
         r = careful(ids[0], vals[0], 0, timed=True, clean=True)
         out.append(r)
-        any_special = r is SKIP or type(r) is Failed
+        if r is _PENDING:
+            held += 1
+        else:
+            any_special = r is SKIP or type(r) is Failed
         start = 1
         err: list[tuple[int, Any, BaseException]] = []
         while start < n:
             fast(islice(vals, start, None), out, skips, err)
             if not err:
                 break
-            # node k raised on item number len(out): record it, propagate the failure
+            # node k raised on item number len(out): retry it later, or fail it
             k, v_in, exc = err.pop()
             i = len(out)
-            fails[k] += 1
-            failed = self._failure(k, ids[i], v_in, exc)
-            out.append(careful(ids[i], failed, k + 1, timed=False) if k + 1 < n_nodes else failed)
-            any_special = True
+            stopped[k] += 1
+            outcome = self._on_error(k, ids[i], v_in, exc, 1)
+            if outcome is _PENDING:
+                held += 1
+                out.append(_PENDING)
+            else:
+                any_special = True
+                out.append(careful(ids[i], outcome, k + 1, timed=False))
             start = i + 1
         entering = n - 1
         for k, node_stats in enumerate(self.stats):
-            leaving = entering - skips[k] - fails[k]
+            if nodes[k].kind == "exceptionally":
+                continue  # a handler is skipped when there is no error: nothing ran
+            leaving = entering - skips[k] - stopped[k]
             node_stats.done += leaving
             node_stats.skipped += skips[k]
-            node_stats.failed += fails[k]
             entering = leaving
         if not any_special and any(skips):
             any_special = True
-        return out, any_special
+        return (*self._without_held(ids, out, held), any_special)
 
-    def _failure(self, k: int, item: Any, v_in: Any, exc: BaseException) -> Failed:
+    @staticmethod
+    def _without_held(ids: Any, out: list[Any], held: int) -> tuple[Any, list[Any]]:
+        if not held:
+            return ids, out
+        keep = [(i, o) for i, o in zip(ids, out, strict=True) if o is not _PENDING]
+        return [i for i, _ in keep], [o for _, o in keep]
+
+    def _on_error(self, k: int, item: Any, v_in: Any, exc: BaseException, attempt: int) -> Any:
+        """Node ``k`` raised on ``item``: schedule a retry (returns _PENDING) or fail it."""
         node = self.nodes[k]
+        t = node.spec.task
+        stats = self.stats[k]
+        ctx = self.ctx
+        if t.retryable(exc, attempt):
+            stats.retried += 1
+            delay = t.backoff.jittered(attempt)
+            ctx.log.warning(
+                "task_retried",
+                task=node.name,
+                item_id=item,
+                attempt=attempt,
+                delay_s=round(delay, 6),
+                error_type=type(exc).__name__,
+                error_message=_message(exc),
+            )
+            with self.lock:
+                self.retrying += 1
+            ctx.call_later(delay, self._retry, item, _Resume(k, v_in, attempt + 1))
+            return _PENDING
+        stats.failed += 1
         inputs = v_in if (k == 0 and self.n_ports > 1) else (v_in,)
+        if node.kind == "exceptionally" and type(v_in) is Failed:
+            inputs = (v_in.failures[0],)
         failure = Failure.capture(
-            exc, task=node.name, item_id=item, run_id=self.ctx.run_id, inputs=inputs
+            exc,
+            task=node.name,
+            item_id=item,
+            run_id=ctx.run_id,
+            attempt=attempt,
+            inputs=inputs,
+            executor=t.executor,
         )
-        self.ctx.on_task_failed(failure)
+        ctx.on_task_failed(failure)
         return Failed((failure,))
+
+    def _retry(self, item: Any, resume: _Resume) -> None:
+        """Timer callback: the item's next attempt re-enters this segment's work queue."""
+        with self.lock:
+            self.retrying -= 1
+            if self.cancelled:
+                return
+            self.work.append((self.next_ticket, [item], [resume], True))
+            self.next_ticket += 1
+            self.queued += 1
+            runners = self._claim_runners()
+        for _ in range(runners):
+            self.schedule(self)
 
     def careful(
         self,
@@ -455,13 +602,20 @@ class Segment:
     ) -> Any:
         """Walk one item through nodes ``k0``.. of the chain, handling every special case.
 
-        ``clean``: the input is known to hold no skip or failure (saves the checks).
-        ``debug``: emit a ``task_finished`` DEBUG event per call (``timed`` too).
+        ``v`` may be a :class:`_Resume` (a retry: start at its node, with its
+        attempt number). ``clean``: the input is known to hold no skip or
+        failure. ``debug``: emit a ``task_finished`` DEBUG event per call.
+        Returns the output, ``SKIP``, a :class:`Failed`, or ``_PENDING`` when
+        a failed call will be retried.
         """
+        attempt = 1
+        if type(v) is _Resume:
+            k0, attempt, v = v.k, v.attempt, v.v
         nodes = self.nodes
         for k in range(k0, len(nodes)):
             node = nodes[k]
             stats = self.stats[k]
+            a = attempt if k == k0 else 1
             # inputs of the head may be a tuple of port values; later nodes get one value
             if k == 0 and self.n_ports > 1:
                 ports = v
@@ -475,49 +629,39 @@ class Segment:
                     skipped = any(p is SKIP for p in ports[: node.n_data])
             else:
                 if type(v) is Failed:
-                    continue  # a failure upstream in the chain: forward it
+                    if node.kind != "exceptionally":
+                        continue  # a failure upstream: forward it, do not run the task
+                elif node.kind == "exceptionally":
+                    continue  # no error: the handler is skipped, the value passes
                 ports = (v,)
                 skipped = v is SKIP
-            if node.map_over:
+            if node.kind == "map":
                 v = self._call_map(node, stats, item, v, ports, skipped)
                 if v is SKIP:
                     stats.skipped += 1
                     return SKIP
                 continue
-            f = self.fns[k] if not node.is_class else None
             try:
                 t0 = time.perf_counter() if timed else 0.0
-                if skipped:
-                    args = _build_args(node, ports)
-                    if args is None:
-                        stats.skipped += 1
-                        return SKIP
-                    if f is None:
-                        inst = self._take_instance()
-                        try:
-                            r = inst(*args[0], **args[1])
-                        finally:
-                            self._give_instance(inst)
-                    else:
-                        r = f(*args[0], **args[1])
-                elif f is None:
-                    inst = self._take_instance()
-                    try:
-                        r = node.call(inst, v)
-                    finally:
-                        self._give_instance(inst)
-                else:
-                    r = node.call(f, v)
+                r = self._call(k, node, v, ports, skipped, item, a)
+                if r is _NOT_RUN:
+                    stats.skipped += 1
+                    return SKIP
                 if timed:
                     elapsed = time.perf_counter() - t0
                     stats.sample(elapsed)
                     if debug:
                         self.ctx.log.debug(
-                            "task_finished", task=node.name, item_id=item, elapsed_s=elapsed
+                            "task_finished",
+                            task=node.name,
+                            item_id=item,
+                            attempt=a,
+                            elapsed_s=elapsed,
                         )
             except Exception as exc:
-                stats.failed += 1
-                v = self._failure(k, item, v, exc)
+                v = self._on_error(k, item, v, exc, a)
+                if v is _PENDING:
+                    return _PENDING
                 continue
             if r is SKIP:
                 stats.skipped += 1
@@ -525,6 +669,41 @@ class Segment:
             stats.done += 1
             v = r
         return v
+
+    def _call(
+        self, k: int, node: NodePlan, v: Any, ports: Any, skipped: bool, item: Any, attempt: int
+    ) -> Any:
+        """Call node ``k``'s task once (under its timeout, if any); ``_NOT_RUN`` if skipped."""
+        args: tuple[tuple[Any, ...], dict[str, Any]] | None = None
+        if node.kind == "exceptionally":
+            args = ((v.failures[0],), {})
+        elif skipped:
+            args = _build_args(node, ports)
+            if args is None:
+                return _NOT_RUN
+        inst = self._take_instance() if node.is_class else None
+        target = inst if inst is not None else self.fns[k]
+        timeout = node.spec.task.timeout
+        try:
+            if timeout is None:
+                if args is None:
+                    return node.call(target, v)
+                return target(*args[0], **args[1])
+            call = node.call
+            if args is None:
+                thunk = lambda: call(target, v)  # noqa: E731
+            else:
+                a = args
+                thunk = lambda: target(*a[0], **a[1])  # noqa: E731
+            try:
+                return self.ctx.call_with_timeout(thunk, timeout, node.name, item, attempt)
+            except BaseException:
+                if inst is not None:  # the abandoned call may still use it: replace it
+                    inst = node.spec.task.fn()
+                raise
+        finally:
+            if inst is not None:
+                self._give_instance(inst)
 
     def _take_instance(self) -> Any:
         # a class task with workers=N has N instances; each serves one call at a time
@@ -538,10 +717,8 @@ class Segment:
     def _call_map(
         self, node: NodePlan, stats: NodeStats, item: Any, v: Any, ports: Any, skipped: bool
     ) -> Any:
-        if skipped:
-            args = _build_args(node, ports)
-            if args is None:
-                return SKIP
+        if skipped and _build_args(node, ports) is None:
+            return SKIP
         try:
             items = list(node.call(None, v))
         except Exception as exc:
@@ -575,9 +752,9 @@ class Segment:
         return out
 
     def pending_items(self) -> int:
-        """Items queued or waiting in the join (for ``metrics().queued``)."""
+        """Items queued, waiting in the join or on a retry timer (``metrics().queued``)."""
         extra = self.joiner.pending() if self.joiner is not None else 0
-        return self.queued + extra
+        return self.queued + extra + self.retrying
 
     def cancel(self) -> None:
         """Drop queued work (``stop(drain=False)``)."""
@@ -633,12 +810,29 @@ def _debug_enabled() -> bool:
 
 
 class RunContext:
-    """What a segment needs from its run: identity, events, failure reporting, parallel map."""
+    """What a segment needs from its run: identity, events, timers, failures, supervision."""
 
     run_id: str = ""
     log: Any = None  # an EventLog bound with the run's id
 
     def on_task_failed(self, failure: Failure) -> None:  # pragma: no cover - interface
+        """A call failed for good (retries ran out): log it, run on_failure handlers."""
+        raise NotImplementedError
+
+    def call_later(
+        self, delay: float, fn: Callable[..., None], *args: Any
+    ) -> None:  # pragma: no cover
+        """Call ``fn(*args)`` after ``delay`` seconds, from the run's timer."""
+        raise NotImplementedError
+
+    def call_with_timeout(
+        self, thunk: Callable[[], Any], timeout: float, task: str, item: Any, attempt: int
+    ) -> Any:  # pragma: no cover - interface
+        """Run ``thunk()`` and return its result, or raise TaskTimeout after ``timeout``."""
+        raise NotImplementedError
+
+    def on_segment_crash(self, segment: Segment, exc: Exception) -> None:  # pragma: no cover
+        """An internal error escaped ``segment``: restart it or escalate."""
         raise NotImplementedError
 
     def map_parallel(

@@ -52,6 +52,7 @@ class NodePlan:
     call: Callable[[Any, Any], Any]  # call(f, v): the careful-path call, clean inputs
     is_class: bool
     map_over: bool
+    kind: str  # "task", "map" (af.map) or "exceptionally" (a failure handler)
 
 
 @dataclass(slots=True)
@@ -128,7 +129,13 @@ def compile_plan(graph: Graph) -> Plan:
     # output, and both are plain single-worker function tasks.
     def fusable(node: NodePlan) -> bool:
         t = node.spec.task
-        return t.executor == "thread" and t.workers == 1 and not t.is_class and not node.map_over
+        return (
+            t.executor == "thread"
+            and t.workers == 1
+            and not t.is_class
+            and node.kind != "map"
+            and t.timeout is None
+        )
 
     seg_of: dict[str, int] = {}
     segments: list[SegmentPlan] = []
@@ -209,6 +216,7 @@ def _node_plan(spec: NodeSpec) -> NodePlan:
         call=call,
         is_class=spec.task.is_class,
         map_over=spec.binding.map_over,
+        kind="map" if spec.binding.map_over else spec.kind,
     )
 
 
@@ -310,6 +318,8 @@ def _compile_fast(seg: SegmentPlan) -> Callable[..., Any]:
         "    for v in vals:",
     ]
     for k, node in enumerate(seg.nodes):
+        if node.kind == "exceptionally":
+            continue  # no error on this path: the handler is skipped, the value passes
         expr = node.expr
         for cname, cvalue in node.consts.items():
             new = f"k{k}_{cname}"

@@ -27,9 +27,10 @@ from actorflow._markers import SKIP
 from actorflow.errors import ActorflowError, Failure, RunFailed
 from actorflow.graph import EntrySpec
 from actorflow.observe.log import EventLog, enabled
-from actorflow.runtime.actors import HostPool
+from actorflow.runtime.actors import Deadlines, HostPool
 from actorflow.runtime.node import Failed, Joiner, RunContext, Segment
 from actorflow.runtime.plan import Plan, compile_plan
+from actorflow.supervision import Supervision
 
 if TYPE_CHECKING:
     from actorflow.graph import Graph
@@ -216,6 +217,12 @@ class RunningFlow(RunContext):
         self._items = 0
         self._failed_items = 0
         self._pool = HostPool(self.run_id, self._on_fatal, watcher_thread=not batch)
+        self._deadlines: Deadlines | None = None
+        self._supervision: Supervision = getattr(graph, "_supervision", None) or Supervision()
+        self._restart_times: dict[int, deque[float]] = {}
+        self._on_failure: list[Callable[[Failure], Any]] = getattr(graph, "_on_failure", [])
+        self._finally: Callable[..., Any] | None = getattr(graph, "_finally", None)
+        self._finally_takes_outcome = _takes_parameters(self._finally)
         capacity = edge_capacity if edge_capacity is not None else max(max_in_flight, 1)
         self._segments = [Segment(sp, self, self._pool.schedule, capacity) for sp in plan.segments]
         self._sink = _Sink(self, plan)
@@ -441,6 +448,9 @@ class RunningFlow(RunContext):
 
     # -- completion (called from host threads) ---------------------------------
     def _complete(self, ids: Any, vals: list[Any], special: bool) -> None:
+        if self._finally is not None:
+            vals = [self._run_finally(i, v) for i, v in zip(ids, vals, strict=True)]
+            special = True
         finished: list[_Block] = []
         with self._lock:
             blocks = self._blocks
@@ -479,6 +489,24 @@ class RunningFlow(RunContext):
         if self._batch:
             self._pool.notify()
 
+    def _run_finally(self, item: Any, value: Any) -> Any:
+        """Call the flow's ``finally_do`` for one finished item; its failure replaces the value."""
+        fn = self._finally
+        assert fn is not None
+        outcome = value.failures[0] if type(value) is Failed else value
+        try:
+            if self._finally_takes_outcome:
+                fn(outcome)
+            else:
+                fn()
+        except Exception as exc:
+            name = str(getattr(fn, "name", None) or getattr(fn, "__name__", "finally_do"))
+            failure = Failure.capture(exc, task=name, item_id=item, run_id=self.run_id)
+            self.on_task_failed(failure)
+            previous = value.failures if type(value) is Failed else ()
+            return Failed((*previous, failure))
+        return value
+
     def _block_of(self, item: int) -> _Block:
         starts = self._starts
         start = starts[bisect.bisect_right(starts, item) - 1]
@@ -486,7 +514,12 @@ class RunningFlow(RunContext):
 
     # -- RunContext ----------------------------------------------------------------
     def on_task_failed(self, failure: Failure) -> None:
-        """Log a task failure once, where it is captured (no retries yet)."""
+        """A call failed for good: log it once, then run the ``on_failure`` handlers.
+
+        Handlers run in the host thread, before the item completes (so before
+        ``run()`` returns or the future resolves); a handler that raises is
+        logged and never changes the result.
+        """
         self._log.error(
             "task_failed",
             task=failure.task,
@@ -495,13 +528,92 @@ class RunningFlow(RunContext):
             error_type=failure.error_type,
             error_message=failure.message,
         )
+        for handler in self._on_failure:
+            try:
+                handler(failure)
+            except Exception as exc:
+                self._log.error(
+                    "on_failure_handler_failed",
+                    task=failure.task,
+                    item_id=failure.item_id,
+                    handler=getattr(handler, "__name__", repr(handler)),
+                    error_type=type(exc).__name__,
+                    error_message=str(exc),
+                )
+
+    def call_later(self, delay: float, fn: Callable[..., None], *args: Any) -> None:
+        self._pool.call_later(delay, fn, *args)
+
+    def call_with_timeout(
+        self, thunk: Callable[[], Any], timeout: float, task: str, item: Any, attempt: int
+    ) -> Any:
+        deadlines = self._deadlines
+        if deadlines is None:
+            with self._lock:
+                if self._deadlines is None:
+                    self._deadlines = Deadlines(self.run_id)
+                deadlines = self._deadlines
+        return deadlines.call(thunk, timeout, task, item, attempt)
+
+    def on_segment_crash(self, segment: Segment, exc: Exception) -> None:
+        """Supervisor: restart the node (and, by strategy, its downstream) or escalate."""
+        sup = self._supervision
+        now = time.monotonic()
+        with self._lock:
+            times = self._restart_times.setdefault(segment.plan.index, deque())
+            while times and now - times[0] > sup.within_s:
+                times.popleft()
+            times.append(now)
+            count = len(times)
+        if count > sup.max_restarts:
+            self._log.error(
+                "node_escalated",
+                task=segment.name,
+                restarts=count - 1,
+                error_type=type(exc).__name__,
+                error_message=str(exc),
+            )
+            error = ActorflowError(
+                f"node {segment.name!r} failed internally {count} times within "
+                f"{sup.within_s:g} s, over its restart limit ({sup.max_restarts}); the run "
+                f"was stopped. Last error: {type(exc).__name__}: {exc}"
+            )
+            error.__cause__ = exc
+            self._on_fatal(error, internal=False)
+            return
+        targets = [segment]
+        if sup.strategy == "with_downstream":
+            targets.extend(self._downstream(segment))
+        for seg in targets:
+            seg.restart()
+        self._log.warning(
+            "node_restarted",
+            task=segment.name,
+            restarts=segment.restarts,
+            strategy=sup.strategy,
+            restarted=[seg.name for seg in targets],
+            error_type=type(exc).__name__,
+            error_message=str(exc),
+        )
+        for seg in targets:
+            seg.resume()
+
+    def _downstream(self, segment: Segment) -> list[Segment]:
+        seen: dict[int, Segment] = {}
+        stack = [segment]
+        while stack:
+            for target, _, _ in stack.pop().consumers:
+                if isinstance(target, Segment) and target.plan.index not in seen:
+                    seen[target.plan.index] = target
+                    stack.append(target)
+        return list(seen.values())
 
     def map_parallel(
         self, fn: Callable[[Any], Any], items: list[Any], parallelism: int
     ) -> list[tuple[bool, Any]]:
         return self._pool.map_parallel(fn, items, parallelism)
 
-    def _on_fatal(self, exc: BaseException) -> None:
+    def _on_fatal(self, exc: BaseException, *, internal: bool = True) -> None:
         with self._lock:
             if self._fatal is None:
                 self._fatal = exc
@@ -509,7 +621,7 @@ class RunningFlow(RunContext):
             self._blocks.clear()
             self._in_flight = 0
             self._space.notify_all()
-        if not isinstance(exc, Exception):
+        if not isinstance(exc, Exception) or not internal:
             error: BaseException = exc
         else:
             error = ActorflowError(
@@ -607,11 +719,21 @@ class RunningFlow(RunContext):
                 self._blocks.clear()
                 self._space.notify_all()
             for b in blocks:
+                if self._finally is not None:
+                    self._finally_cancelled(b)
                 if isinstance(b.owner, _FutureOwner):
                     b.owner.future.cancel()
                 else:
                     b.owner.abort(cancelled)
             self._pool.shutdown()  # counters are final from here on: metrics() reads them
+            if self._deadlines is not None:
+                still_running = self._deadlines.shutdown()
+                if still_running:
+                    self._log.warning(
+                        "timed_out_threads_abandoned",
+                        threads=still_running,
+                        late_results=self._deadlines.late,
+                    )
             if enabled(logging.DEBUG):
                 for name, m in self.metrics().items():
                     self._log.debug(
@@ -626,9 +748,34 @@ class RunningFlow(RunContext):
                     hosts=self._pool.started_hosts,
                 )
 
+    def _finally_cancelled(self, block: _Block) -> None:
+        # finally_do runs once per item on cancellation too, with a Cancelled failure
+        for i in range(block.start, block.start + block.n):
+            if block.vals is not None and block.vals[i - block.start] is not _MISSING:
+                continue  # this item finished (its finally_do already ran)
+            try:
+                raise concurrent.futures.CancelledError(
+                    f"run {self.run_id!r} was stopped before item {i} finished"
+                )
+            except concurrent.futures.CancelledError as exc:
+                failure = Failure.capture(exc, task=self.name, item_id=i, run_id=self.run_id)
+            self._run_finally(i, Failed((failure,)))
+
     def __repr__(self) -> str:
         state = "stopped" if self._stopped else "running"
         return f"<af.RunningFlow {self.name!r} run={self.run_id!r} {state}>"
+
+
+def _takes_parameters(fn: Any) -> bool:
+    if fn is None:
+        return False
+    import inspect
+
+    target = getattr(fn, "fn", fn)  # a Task: look at the wrapped function
+    try:
+        return bool(inspect.signature(target).parameters)
+    except (TypeError, ValueError):
+        return True
 
 
 def run_once(
