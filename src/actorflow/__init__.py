@@ -37,6 +37,7 @@ from actorflow.errors import (
 )
 from actorflow.flow import Flow, Node, flow, map
 from actorflow.graph import Graph, NodeSpec
+from actorflow.pipeline import Pipeline, in_parallel
 from actorflow.runtime.running import NodeMetrics, RunningFlow
 from actorflow.supervision import Supervision
 from actorflow.task import Backoff, Task, task
@@ -52,6 +53,7 @@ __all__ = [
     "Node",
     "NodeMetrics",
     "NodeSpec",
+    "Pipeline",
     "RunFailed",
     "RunningFlow",
     "StoreError",
@@ -60,6 +62,7 @@ __all__ = [
     "TaskTimeout",
     "WorkerCrashed",
     "flow",
+    "in_parallel",
     "map",
     "task",
 ]

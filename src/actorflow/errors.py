@@ -320,3 +320,11 @@ class RunFailed(ActorflowError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (RunFailed, (self.failures, self.run_id))
+
+
+class _InnerFailures(RunFailed):
+    """A nested run (a continuation, a parallel branch) failed: carries its own failures.
+
+    The node that ran it reports these records as they are instead of
+    wrapping them: inner failures reach ``RunFailed`` as the inner tasks' own.
+    """

@@ -427,8 +427,8 @@ def _find_cycle(specs: Mapping[str, NodeSpec], candidates: set[str]) -> list[str
 def _fits_positionally(fn: Any, n: int) -> bool:
     """Fast check, from the code object, that a plain function accepts ``n`` positional args."""
     code = getattr(fn, "__code__", None)
-    if code is None or not isinstance(fn, FunctionType):
-        return False
+    if code is None or not isinstance(fn, FunctionType) or hasattr(fn, "__wrapped__"):
+        return False  # a wrapper: let inspect read the wrapped signature
     if code.co_kwonlyargcount and len(fn.__kwdefaults__ or ()) < code.co_kwonlyargcount:
         return False  # a required keyword-only parameter: let inspect explain
     required = code.co_argcount - len(fn.__defaults__ or ())

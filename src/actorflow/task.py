@@ -13,10 +13,13 @@ import sys
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Generic, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 from actorflow import _trace
 from actorflow.errors import GraphError
+
+if TYPE_CHECKING:
+    from actorflow.pipeline import Pipeline
 
 __all__ = ["Backoff", "Task", "task"]
 
@@ -146,6 +149,17 @@ class Task(Generic[P, R]):
         if self.is_class:
             return self.fn()(*args, **kwargs)  # type: ignore[no-any-return]
         return self.fn(*args, **kwargs)  # type: ignore[no-any-return]
+
+    def send(self, *args: P.args, **kwargs: P.kwargs) -> Pipeline:
+        """Start a pipeline with this call; continue it with ``.continue_with(...)``.
+
+        Example::
+
+            multiply.send(3, 2).continue_with(divide, 2).run()   # -> 3.0
+        """
+        from actorflow.pipeline import send
+
+        return send(self, *args, **kwargs)
 
     def signature(self) -> inspect.Signature:
         """The signature the task is called with (a class task's ``__call__``).

@@ -40,7 +40,7 @@ from itertools import islice
 from typing import Any
 
 from actorflow._markers import SKIP
-from actorflow.errors import Failure
+from actorflow.errors import Failure, RunFailed, _InnerFailures
 from actorflow.graph import Gather, Ref
 from actorflow.runtime.plan import NodePlan, SegmentPlan
 
@@ -545,6 +545,10 @@ class Segment:
         t = node.spec.task
         stats = self.stats[k]
         ctx = self.ctx
+        if isinstance(exc, _InnerFailures):
+            # a continuation run by this task failed: its own records, reported there
+            stats.failed += 1
+            return Failed(tuple(exc.failures))
         if t.retryable(exc, attempt):
             stats.retried += 1
             delay = t.backoff.jittered(attempt)
@@ -738,7 +742,13 @@ class Segment:
                     out.append(value)
                 continue
             if b.return_exceptions:
-                out.append(value)
+                if isinstance(value, _InnerFailures):  # show the public type in place
+                    out.append(RunFailed(value.failures, value.run_id))
+                else:
+                    out.append(value)
+                continue
+            if isinstance(value, _InnerFailures):
+                failures.extend(value.failures)  # a branch's own failure records
                 continue
             failure = Failure.capture(
                 value, task=node.name, item_id=item, run_id=self.ctx.run_id, inputs=(element,)
