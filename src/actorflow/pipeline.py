@@ -1,4 +1,4 @@
-"""Fluent pipelines: ``send``, ``continue_with``, ``in_parallel``, ``exceptionally``, ``finally_do``.
+"""Fluent pipelines: send, continue_with, in_parallel, exceptionally, finally_do.
 
 A pipeline is a description, like a flow, and compiles to the same
 :class:`~actorflow.Graph` IR: each ``send`` / ``continue_with`` step is a node
