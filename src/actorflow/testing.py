@@ -33,6 +33,7 @@ def crash_node(running: RunningFlow, node: str, *, times: int = 1) -> None:
         if any(n.name == node for n in seg.nodes):
             with seg.lock:
                 seg.crash_next += times
+                seg.crash_target = node
             return
     names = ", ".join(repr(n.name) for seg in running._segments for n in seg.nodes)
     raise GraphError(f"running flow {running.name!r} has no node {node!r}; nodes: {names}")

@@ -105,6 +105,7 @@ class HostPool:
         self._watcher: threading.Thread | None = None
         self._watch_sleeping = False  # the watcher waits without timeout: wake it on work
         self._timers: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
+        self._starting = 0  # hosts being started right now (shutdown waits for them)
         self._timer_seq = 0
         self._refs: list[pykka.ActorRef[Any]] = []
 
@@ -123,6 +124,7 @@ class HostPool:
                 if self.n_hosts == 0:
                     spawn = True
                     self.n_hosts += 1
+                    self._starting += 1
                 elif self._use_watcher_thread and self._watcher is None:
                     self._start_watcher()
             if self._watch_sleeping:
@@ -134,16 +136,19 @@ class HostPool:
             self._spawn_one()
 
     def _spawn_one(self) -> None:
-        # n_hosts was already counted by the caller, under the lock
+        # n_hosts and _starting were already counted by the caller, under the lock
         ref = ActorflowHost.start(self)
         with self.lock:
             self._refs.append(ref)
             self.started_hosts += 1
-            job = self.ready.popleft() if self.ready else None
-            if job is None:
+            self._starting -= 1
+            closed = self.closed
+            job = self.ready.popleft() if self.ready and not closed else None
+            if job is None and not closed:
                 self.idle.append(ref)
-            else:
+            elif job is not None:
                 self.taken += 1
+            self.cond.notify_all()  # shutdown may wait for spawns in progress
         if job is not None:
             ref.tell(job)
 
@@ -194,6 +199,7 @@ class HostPool:
             n = min(len(self.ready), self.max_hosts - self.n_hosts)
             if n > 0:
                 self.n_hosts += n
+                self._starting += n
                 self.lock.release()
                 try:
                     for _ in range(n):
@@ -292,6 +298,7 @@ class HostPool:
         with self.lock:
             self.threads.append(thread)
             self.clocks[threading.get_ident()] = clock
+            self.cond.notify_all()  # shutdown waits until every started host is here
 
     def _unregister_clock(self, ident: int) -> None:
         with self.lock:
@@ -314,9 +321,12 @@ class HostPool:
             self.closed = True
             self.ready.clear()
             self._timers.clear()
-            refs = list(self._refs)
             self.idle.clear()
             self.cond.notify_all()
+            # hosts being started right now must be stopped and joined too
+            while self._starting or len(self.threads) < len(self._refs):
+                self.cond.wait()
+            refs = list(self._refs)
             watcher = self._watcher
         for ref in refs:
             try:

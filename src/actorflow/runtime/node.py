@@ -246,6 +246,7 @@ class Segment:
         "capacity",
         "consumers",
         "crash_next",
+        "crash_target",
         "ctx",
         "fast",
         "fns",
@@ -305,6 +306,7 @@ class Segment:
         self.retrying = 0  # items waiting on a retry timer
         self.restarts = 0
         self.crash_next = 0  # fault injection: crash this many upcoming batches
+        self.crash_target: str | None = None
 
     # -- lifecycle -----------------------------------------------------------
     def open(self) -> None:
@@ -317,6 +319,13 @@ class Segment:
                 self.fns.append(None)
             else:
                 self.fns.append(t.fn)
+
+    @property
+    def label(self) -> str:
+        """The node's name, or the names of a fused chain: ``'parse' -> 'score'``."""
+        if len(self.nodes) == 1:
+            return repr(self.name)
+        return " -> ".join(repr(n.name) for n in self.nodes) + " (fused)"
 
     def restart(self) -> None:
         """Restart after an internal error: fresh class-task instances, queued work kept.
@@ -471,7 +480,7 @@ class Segment:
         """
         if self.crash_next:  # fault injection (actorflow.testing): an internal error
             self.crash_next -= 1
-            raise InjectedCrash(f"injected crash in node {self.name!r}")
+            raise InjectedCrash(f"injected crash in node {self.crash_target or self.name!r}")
         out: list[Any] = []
         careful = self.careful
         n = len(vals)

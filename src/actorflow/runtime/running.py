@@ -222,6 +222,7 @@ class RunningFlow(RunContext):
         self._restart_times: dict[int, deque[float]] = {}
         self._on_failure: list[Callable[[Failure], Any]] = getattr(graph, "_on_failure", [])
         self._finally: Callable[..., Any] | None = getattr(graph, "_finally", None)
+        self._finalized: set[int] = set()  # items whose finally_do ran (or is running)
         self._finally_takes_outcome = _takes_parameters(self._finally)
         capacity = edge_capacity if edge_capacity is not None else max(max_in_flight, 1)
         self._segments = [Segment(sp, self, self._pool.schedule, capacity) for sp in plan.segments]
@@ -449,7 +450,9 @@ class RunningFlow(RunContext):
     # -- completion (called from host threads) ---------------------------------
     def _complete(self, ids: Any, vals: list[Any], special: bool) -> None:
         if self._finally is not None:
-            vals = [self._run_finally(i, v) for i, v in zip(ids, vals, strict=True)]
+            ids, vals = self._finalize(ids, vals)
+            if not vals:
+                return
             special = True
         finished: list[_Block] = []
         with self._lock:
@@ -462,7 +465,10 @@ class RunningFlow(RunContext):
                 finished.append(block)
             else:
                 for i, v in zip(ids, vals, strict=True):
-                    block = self._block_of(i)
+                    found = self._block_of(i)
+                    if found is None:
+                        continue  # its block was cancelled (stop(drain=False)): discard
+                    block = found
                     if block.vals is None:
                         block.vals = [_MISSING] * block.n
                     block.vals[i - block.start] = v
@@ -474,6 +480,9 @@ class RunningFlow(RunContext):
                         finished.append(block)
             n_done = sum(b.n for b in finished)
             self._in_flight -= n_done
+            if self._finally is not None:
+                for b in finished:
+                    self._finalized.difference_update(range(b.start, b.start + b.n))
             if special:
                 for b in finished:
                     assert b.vals is not None
@@ -488,6 +497,19 @@ class RunningFlow(RunContext):
             b.owner.block_done(b)
         if self._batch:
             self._pool.notify()
+
+    def _finalize(self, ids: Any, vals: list[Any]) -> tuple[list[Any], list[Any]]:
+        """Run ``finally_do`` exactly once per item: claim items under the lock first.
+
+        An item cancelled by ``stop(drain=False)`` while its last call was
+        running is claimed by whichever comes first, the cancellation or the
+        completion; the other leaves it alone.
+        """
+        with self._lock:
+            claimed = self._finalized
+            keep = [(i, v) for i, v in zip(ids, vals, strict=True) if i not in claimed]
+            claimed.update(i for i, _ in keep)
+        return [i for i, _ in keep], [self._run_finally(i, v) for i, v in keep]
 
     def _run_finally(self, item: Any, value: Any) -> Any:
         """Call the flow's ``finally_do`` for one finished item; its failure replaces the value."""
@@ -507,10 +529,13 @@ class RunningFlow(RunContext):
             return Failed((*previous, failure))
         return value
 
-    def _block_of(self, item: int) -> _Block:
+    def _block_of(self, item: int) -> _Block | None:
         starts = self._starts
         start = starts[bisect.bisect_right(starts, item) - 1]
-        return self._blocks[start]
+        block = self._blocks.get(start)
+        if block is None or not block.start <= item < block.start + block.n:
+            return None
+        return block
 
     # -- RunContext ----------------------------------------------------------------
     def on_task_failed(self, failure: Failure) -> None:
@@ -568,13 +593,13 @@ class RunningFlow(RunContext):
         if count > sup.max_restarts:
             self._log.error(
                 "node_escalated",
-                task=segment.name,
+                task=segment.label,
                 restarts=count - 1,
                 error_type=type(exc).__name__,
                 error_message=str(exc),
             )
             error = ActorflowError(
-                f"node {segment.name!r} failed internally {count} times within "
+                f"node {segment.label} failed internally {count} times within "
                 f"{sup.within_s:g} s, over its restart limit ({sup.max_restarts}); the run "
                 f"was stopped. Last error: {type(exc).__name__}: {exc}"
             )
@@ -750,9 +775,12 @@ class RunningFlow(RunContext):
 
     def _finally_cancelled(self, block: _Block) -> None:
         # finally_do runs once per item on cancellation too, with a Cancelled failure
-        for i in range(block.start, block.start + block.n):
-            if block.vals is not None and block.vals[i - block.start] is not _MISSING:
-                continue  # this item finished (its finally_do already ran)
+        with self._lock:
+            todo = [
+                i for i in range(block.start, block.start + block.n) if i not in self._finalized
+            ]
+            self._finalized.update(todo)
+        for i in todo:
             try:
                 raise concurrent.futures.CancelledError(
                     f"run {self.run_id!r} was stopped before item {i} finished"
