@@ -236,7 +236,6 @@ def test_a_reserved_run_option_cannot_be_a_flow_parameter() -> None:
 @pytest.mark.parametrize(
     ("options", "fragment"),
     [
-        ({"key": lambda e: e}, "key="),
         ({"executor": "process"}, "executor='process'"),
     ],
 )
@@ -246,6 +245,11 @@ def test_options_of_later_milestones_are_refused_not_ignored(
     with pytest.raises(af.GraphError, match="not implemented yet") as info:
         af.task(**options)(lambda x: x)
     assert fragment in str(info.value)
+
+
+def test_key_on_a_function_task_is_refused_with_the_fix() -> None:
+    with pytest.raises(af.GraphError, match="make the task a class"):
+        af.task(key=lambda e: e, workers=2)(lambda x: x)
 
 
 def test_async_and_generator_tasks_are_refused_until_their_issue() -> None:

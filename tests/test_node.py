@@ -23,13 +23,15 @@ class Ctx(RunContext):
     def on_task_failed(self, failure: Failure) -> None:
         self.failures.append(failure)
 
-    def map_parallel(self, fn: Any, items: list[Any], parallelism: int) -> list[tuple[bool, Any]]:
+    def map_parallel(
+        self, fn: Any, items: list[Any], parallelism: int, policy: Any = None
+    ) -> list[tuple[bool, Any, int]]:
         out = []
         for x in items:
             try:
-                out.append((True, fn(x)))
+                out.append((True, fn(x), 1))
             except Exception as exc:
-                out.append((False, exc))
+                out.append((False, exc, 1))
         return out
 
 

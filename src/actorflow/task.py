@@ -11,6 +11,7 @@ import functools
 import inspect
 import sys
 import weakref
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
@@ -73,9 +74,6 @@ _DEFAULT_BACKOFF = Backoff()
 
 # Options described in DESIGN.md whose implementation lands in a later issue.
 # They are refused loudly instead of being silently ignored.
-_LATER = {
-    "key": "key= for keyed stateful tasks (issue 4: executors)",
-}
 
 
 class Task(Generic[P, R]):
@@ -102,6 +100,7 @@ class Task(Generic[P, R]):
         "executor",
         "fn",
         "is_class",
+        "key",
         "name",
         "retries",
         "retry_on",
@@ -120,6 +119,7 @@ class Task(Generic[P, R]):
         backoff: Backoff | None = None,
         retry_on: tuple[type[BaseException], ...] | None = None,
         timeout: float | None = None,
+        key: Callable[[Any], Any] | None = None,
     ) -> None:
         if isinstance(fn, Task):
             fn = fn.fn
@@ -134,6 +134,7 @@ class Task(Generic[P, R]):
         self.backoff = backoff or _DEFAULT_BACKOFF
         self.retry_on = retry_on
         self.timeout = timeout
+        self.key = key
         self.__wrapped__ = fn
         functools.update_wrapper(self, fn, updated=())
 
@@ -195,6 +196,7 @@ class Task(Generic[P, R]):
             "backoff": self.backoff,
             "retry_on": self.retry_on,
             "timeout": self.timeout,
+            "key": self.key,
         }
 
     def retryable(self, exc: BaseException, attempt: int) -> bool:
@@ -284,8 +286,13 @@ def task(
     on a timer, never blocking the node's other items; a retried item is
     emitted when it succeeds, after items that arrived later.
 
-    Options of later milestones (``executor="process"``, async tasks, ``key``)
-    are refused with :class:`~actorflow.GraphError` instead of being ignored.
+    A class task with ``key=`` and ``workers=N`` has N instances; every item
+    goes to instance ``stable_hash(key(item)) % N``, so items with the same key
+    always reach the same instance (a hash stable across processes, not
+    Python's salted ``hash()``). Without ``key``, items go to any free instance.
+
+    Options of later milestones (``executor="process"``, async tasks) are
+    refused with :class:`~actorflow.GraphError` instead of being ignored.
 
     Example::
 
@@ -306,16 +313,16 @@ def task(
 
         parse('{"a": 1}')    # -> {"a": 1}: outside a flow, a plain call
     """
-    given = {"key": key is not None}
 
     def wrap(f: Callable[P, R]) -> Task[P, R]:
         label = name or getattr(f, "__name__", repr(f))
-        for option, used in given.items():
-            if used:
-                raise GraphError(
-                    f"task {label!r}: option {_LATER[option]} is not implemented yet; "
-                    f"remove {option}= for now"
-                )
+        target_fn = f.fn if isinstance(f, Task) else f
+        if key is not None and not (inspect.isclass(target_fn) and callable(key)):
+            raise GraphError(
+                f"task {label!r}: key= routes items to the instances of a class task (state "
+                "per key); make the task a class with __call__, or drop key= "
+                "(a function task keeps no state)"
+            )
         if executor != "thread":
             raise GraphError(
                 f"task {label!r}: executor={executor!r} is not implemented yet "
@@ -366,11 +373,37 @@ def task(
             backoff=backoff,
             retry_on=on,
             timeout=None if timeout is None else float(timeout),
+            key=key,
         )
 
     if fn is not None:
         return wrap(fn)
     return wrap
+
+
+def stable_hash(value: Any) -> int:
+    """A hash of ``value`` that is the same in every process (keyed routing).
+
+    Strings and bytes hash by content (CRC-32), ints are themselves, tuples
+    combine their elements; anything else hashes its ``repr``.
+
+    Example::
+
+        stable_hash("checkout") % 4   # the same in every interpreter
+    """
+    if isinstance(value, str):
+        return zlib.crc32(value.encode("utf-8", "surrogatepass"))
+    if isinstance(value, bytes | bytearray):
+        return zlib.crc32(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, tuple):
+        h = 0x345678
+        for v in value:
+            h = (h * 1000003) ^ stable_hash(v)
+            h &= 0xFFFFFFFFFFFF
+        return h
+    return zlib.crc32(repr(value).encode("utf-8", "surrogatepass"))
 
 
 def as_task(fn: Any) -> Task[Any, Any]:

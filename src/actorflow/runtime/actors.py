@@ -342,18 +342,21 @@ class HostPool:
 
     # -- parallel map (af.map) ---------------------------------------------------
     def map_parallel(
-        self, fn: Callable[[Any], Any], items: list[Any], parallelism: int
-    ) -> list[tuple[bool, Any]]:
+        self, fn: Callable[[Any], Any], items: list[Any], parallelism: int, policy: Any = None
+    ) -> list[tuple[bool, Any, int]]:
         """Call ``fn`` on every item, up to ``parallelism`` at once, on this pool's hosts.
 
         The calling host works through the items too, so the call finishes even
-        when no other host is free; returns ``(ok, result_or_exception)`` per item.
+        when no other host is free. With a ``policy`` (a Task: ``retryable``,
+        ``backoff``), a failed element is parked until its backoff delay has
+        passed while runners serve other elements. Returns
+        ``(ok, result_or_exception, attempts)`` per item, in order.
         """
         n = len(items)
-        results: list[tuple[bool, Any]] = [(False, None)] * n
+        results: list[tuple[bool, Any, int]] = [(False, None, 0)] * n
         if n == 0:
             return results
-        state = _MapState(fn, items, results)
+        state = _MapState(fn, items, results, policy)
         for _ in range(min(parallelism, n) - 1):
             self.schedule(state)
         state.run()
@@ -362,17 +365,39 @@ class HostPool:
 
 
 class _MapState:
-    """Shared cursor over a parallel map's items; each runner takes the next index."""
+    """Shared cursor over a parallel map's items; each runner takes the next ready element."""
 
     def __init__(
-        self, fn: Callable[[Any], Any], items: list[Any], results: list[tuple[bool, Any]]
+        self,
+        fn: Callable[[Any], Any],
+        items: list[Any],
+        results: list[tuple[bool, Any, int]],
+        policy: Any,
     ) -> None:
         self.fn = fn
         self.items = items
         self.results = results
+        self.policy = policy
         self.next = 0
+        self.delayed: list[tuple[float, int, int]] = []  # (due, index, attempt)
         self.active = 0
         self.cond = threading.Condition()
+
+    def _take(self) -> tuple[int, int] | None:
+        # under cond: the next element to call, waiting for a parked retry if need be
+        while True:
+            if self.next < len(self.items):
+                i = self.next
+                self.next += 1
+                return i, 1
+            if not self.delayed:
+                return None
+            due, i, attempt = self.delayed[0]
+            wait = due - time.monotonic()
+            if wait <= 0:
+                heapq.heappop(self.delayed)
+                return i, attempt
+            self.cond.wait(wait)
 
     def run(self) -> None:
         cond = self.cond
@@ -381,14 +406,21 @@ class _MapState:
         try:
             while True:
                 with cond:
-                    i = self.next
-                    if i >= len(self.items):
-                        return
-                    self.next = i + 1
+                    taken = self._take()
+                if taken is None:
+                    return
+                i, attempt = taken
                 try:
-                    self.results[i] = (True, self.fn(self.items[i]))
+                    self.results[i] = (True, self.fn(self.items[i]), attempt)
                 except Exception as exc:
-                    self.results[i] = (False, exc)
+                    policy = self.policy
+                    if policy is not None and policy.retryable(exc, attempt):
+                        due = time.monotonic() + policy.backoff.jittered(attempt)
+                        with cond:
+                            heapq.heappush(self.delayed, (due, i, attempt + 1))
+                            cond.notify_all()
+                    else:
+                        self.results[i] = (False, exc, attempt)
         finally:
             with cond:
                 self.active -= 1
@@ -396,7 +428,15 @@ class _MapState:
 
     def wait_idle(self) -> None:
         with self.cond:
-            while self.active:
+            while self.active or self.delayed:
+                if self.delayed and not self.active:
+                    # every runner left while a retry was parked: run it here
+                    self.cond.release()
+                    try:
+                        self.run()
+                    finally:
+                        self.cond.acquire()
+                    continue
                 self.cond.wait()
 
 

@@ -43,6 +43,7 @@ from actorflow._markers import SKIP
 from actorflow.errors import Failure, RunFailed, _InnerFailures
 from actorflow.graph import Gather, Ref
 from actorflow.runtime.plan import NodePlan, SegmentPlan
+from actorflow.task import stable_hash
 
 __all__ = ["Failed", "NodeStats", "Segment"]
 
@@ -193,12 +194,13 @@ _NOT_RUN: Any = _Marker("<not run: skipped input>")
 class _Resume:
     """A retried item re-entering its segment: start at node ``k``, attempt ``attempt``."""
 
-    __slots__ = ("attempt", "k", "v")
+    __slots__ = ("attempt", "k", "pin", "v")
 
-    def __init__(self, k: int, v: Any, attempt: int) -> None:
+    def __init__(self, k: int, v: Any, attempt: int, pin: int) -> None:
         self.k = k
         self.v = v
         self.attempt = attempt
+        self.pin = pin
 
 
 class InjectedCrash(Exception):
@@ -242,6 +244,7 @@ class Segment:
     """
 
     __slots__ = (
+        "busy",
         "cancelled",
         "capacity",
         "consumers",
@@ -249,10 +252,12 @@ class Segment:
         "crash_target",
         "ctx",
         "fast",
+        "first_arg",
         "fns",
         "held",
         "instances",
         "joiner",
+        "key_fn",
         "lock",
         "n_ports",
         "name",
@@ -289,7 +294,8 @@ class Segment:
         self.joiner = Joiner(self.n_ports) if self.n_ports > 1 else None
         self.workers = plan.workers
         self.lock = threading.Lock()
-        self.work: deque[tuple[int, Any, list[Any], bool]] = deque()  # (ticket, ids, vals, sp)
+        # (ticket, ids, vals, special, pin): pin is the instance a keyed batch must run on
+        self.work: deque[tuple[int, Any, list[Any], bool, int]] = deque()
         self.queued = 0
         self.running = 0
         self.throttle = 0  # > 0: stopped by a full consumer
@@ -307,6 +313,10 @@ class Segment:
         self.restarts = 0
         self.crash_next = 0  # fault injection: crash this many upcoming batches
         self.crash_target: str | None = None
+        head_task = plan.head.spec.task
+        self.key_fn: Callable[[Any], Any] | None = head_task.key
+        self.first_arg = plan.head.first_arg
+        self.busy = [False] * head_task.workers
 
     # -- lifecycle -----------------------------------------------------------
     def open(self) -> None:
@@ -348,13 +358,19 @@ class Segment:
     # -- message intake (any thread) ----------------------------------------
     def deliver(self, port: int, ids: Any, vals: list[Any], special: bool, sender: Any) -> bool:
         """Accept a batch on ``port``; return True if the sender should throttle."""
+        pins = None
+        if self.key_fn is not None:  # keyed: route outside the lock (the key is user code)
+            vals, special, pins = self._route(ids, vals, special)
         with self.lock:
             if self.joiner is None:
                 ready = [(ids, vals, special)]
             else:
                 ready = self.joiner.add(port, ids, vals, special)
             for r_ids, r_vals, r_special in ready:
-                self._enqueue(r_ids, r_vals, r_special)
+                if pins is None:
+                    self._enqueue(r_ids, r_vals, r_special)
+                else:
+                    self._enqueue_pinned(r_ids, r_vals, r_special, pins)
             runners = self._claim_runners()
             throttle = False
             if self.queued > self.capacity and sender is not None:
@@ -370,12 +386,69 @@ class Segment:
             size = -(-n // self.workers)
             for start in range(0, n, size):
                 stop = start + size
-                self.work.append((self.next_ticket, ids[start:stop], vals[start:stop], special))
+                self.work.append((self.next_ticket, ids[start:stop], vals[start:stop], special, -1))
                 self.next_ticket += 1
         else:
-            self.work.append((self.next_ticket, ids, vals, special))
+            self.work.append((self.next_ticket, ids, vals, special, -1))
             self.next_ticket += 1
         self.queued += n
+
+    def _route(self, ids: Any, vals: list[Any], special: bool) -> tuple[list[Any], bool, list[int]]:
+        """Instance index of every item: ``stable_hash(key(first argument)) % workers``.
+
+        A key function that raises fails that item (its failure flows on).
+        """
+        key, first_arg, n = self.key_fn, self.first_arg, self.workers
+        assert key is not None
+        assert first_arg is not None
+        pins: list[int] = []
+        out: list[Any] | None = None
+        for j, (item, v) in enumerate(zip(ids, vals, strict=True)):
+            if special and (v is SKIP or type(v) is Failed):
+                pins.append(0)
+                continue
+            try:
+                pins.append(stable_hash(key(first_arg(v))) % n)
+            except Exception as exc:
+                failure = Failure.capture(
+                    exc, task=self.name, item_id=item, run_id=self.ctx.run_id, inputs=(v,)
+                )
+                self.stats[0].failed += 1
+                self.ctx.on_task_failed(failure)
+                if out is None:
+                    out = list(vals)
+                out[j] = Failed((failure,))
+                pins.append(0)
+        if out is not None:
+            return out, True, pins
+        return vals, special, pins
+
+    def _enqueue_pinned(self, ids: Any, vals: list[Any], special: bool, pins: list[int]) -> None:
+        # under the lock: one sub-batch per instance, in arrival order within each
+        groups: dict[int, tuple[list[Any], list[Any]]] = {}
+        for item, v, pin in zip(ids, vals, pins, strict=True):
+            g = groups.get(pin)
+            if g is None:
+                g = groups[pin] = ([], [])
+            g[0].append(item)
+            g[1].append(v)
+        for pin, (g_ids, g_vals) in groups.items():
+            self.work.append((self.next_ticket, g_ids, g_vals, special, pin))
+            self.next_ticket += 1
+        self.queued += len(vals)
+
+    def _take_work(self) -> tuple[int, Any, list[Any], bool, int] | None:
+        # under the lock: the next batch this runner may process
+        work = self.work
+        if self.key_fn is None:
+            return work.popleft()
+        busy = self.busy
+        for j, entry in enumerate(work):
+            if not busy[entry[4]]:
+                del work[j]
+                busy[entry[4]] = True
+                return entry
+        return None  # every waiting batch belongs to an instance that is busy
 
     def _claim_runners(self) -> int:
         # called under the lock: how many new runners to ask for
@@ -406,8 +479,12 @@ class Segment:
                 if batches >= _QUANTUM:
                     requeue = True
                     break
+                entry = self._take_work()
+                if entry is None:
+                    self.running -= 1
+                    return
                 batches += 1
-                ticket, ids, vals, special = self.work.popleft()
+                ticket, ids, vals, special, pin = entry
                 n = len(vals)
                 self.queued -= n
                 if self.waiters and self.queued <= self.capacity // 2:
@@ -417,18 +494,23 @@ class Segment:
             head = self.stats[0]
             head.in_flight += n
             try:
-                out_ids, out, out_special = self.process(ids, vals, special)
+                out_ids, out, out_special = self.process(ids, vals, special, pin)
             except Exception as exc:
                 # an internal error (not a task's: those are captured per item):
                 # put the batch back first, then let the supervisor decide
                 with self.lock:
-                    self.work.appendleft((ticket, ids, vals, special))
+                    self.work.appendleft((ticket, ids, vals, special, pin))
                     self.queued += n
                     self.running -= 1
+                    if pin >= 0:
+                        self.busy[pin] = False
                 head.in_flight -= n
                 self.ctx.on_segment_crash(self, exc)
                 return
             head.in_flight -= n
+            if pin >= 0:
+                with self.lock:
+                    self.busy[pin] = False
             if self.workers == 1:
                 if not out:
                     continue  # every item of the batch is waiting for a retry
@@ -472,7 +554,9 @@ class Segment:
                 throttled += 1
         return throttled
 
-    def process(self, ids: Any, vals: list[Any], special: bool) -> tuple[Any, list[Any], bool]:
+    def process(
+        self, ids: Any, vals: list[Any], special: bool, pin: int = -1
+    ) -> tuple[Any, list[Any], bool]:
         """Run the chain over one batch; return (ids, outputs, whether any is special).
 
         Items whose failing call will be retried are held back: they are left
@@ -493,7 +577,7 @@ class Segment:
         if fast is None or special or debug:
             clean = not special
             for i, v in zip(ids, vals, strict=True):
-                r = careful(i, v, 0, timed=True, clean=clean, debug=debug)
+                r = careful(i, v, 0, timed=True, clean=clean, debug=debug, pin=pin)
                 out.append(r)
                 if r is SKIP or type(r) is Failed:
                     any_special = True
@@ -548,7 +632,9 @@ class Segment:
         keep = [(i, o) for i, o in zip(ids, out, strict=True) if o is not _PENDING]
         return [i for i, _ in keep], [o for _, o in keep]
 
-    def _on_error(self, k: int, item: Any, v_in: Any, exc: BaseException, attempt: int) -> Any:
+    def _on_error(
+        self, k: int, item: Any, v_in: Any, exc: BaseException, attempt: int, pin: int = -1
+    ) -> Any:
         """Node ``k`` raised on ``item``: schedule a retry (returns _PENDING) or fail it."""
         node = self.nodes[k]
         t = node.spec.task
@@ -572,7 +658,7 @@ class Segment:
             )
             with self.lock:
                 self.retrying += 1
-            ctx.call_later(delay, self._retry, item, _Resume(k, v_in, attempt + 1))
+            ctx.call_later(delay, self._retry, item, _Resume(k, v_in, attempt + 1, pin))
             return _PENDING
         stats.failed += 1
         inputs = v_in if (k == 0 and self.n_ports > 1) else (v_in,)
@@ -596,7 +682,7 @@ class Segment:
             self.retrying -= 1
             if self.cancelled:
                 return
-            self.work.append((self.next_ticket, [item], [resume], True))
+            self.work.append((self.next_ticket, [item], [resume], True, resume.pin))
             self.next_ticket += 1
             self.queued += 1
             runners = self._claim_runners()
@@ -612,6 +698,7 @@ class Segment:
         timed: bool,
         clean: bool = False,
         debug: bool = False,
+        pin: int = -1,
     ) -> Any:
         """Walk one item through nodes ``k0``.. of the chain, handling every special case.
 
@@ -623,7 +710,7 @@ class Segment:
         """
         attempt = 1
         if type(v) is _Resume:
-            k0, attempt, v = v.k, v.attempt, v.v
+            k0, attempt, pin, v = v.k, v.attempt, v.pin, v.v
         nodes = self.nodes
         for k in range(k0, len(nodes)):
             node = nodes[k]
@@ -656,7 +743,7 @@ class Segment:
                 continue
             try:
                 t0 = time.perf_counter() if timed else 0.0
-                r = self._call(k, node, v, ports, skipped, item, a)
+                r = self._call(k, node, v, ports, skipped, item, a, pin)
                 if r is _NOT_RUN:
                     stats.skipped += 1
                     return SKIP
@@ -672,7 +759,7 @@ class Segment:
                             elapsed_s=elapsed,
                         )
             except Exception as exc:
-                v = self._on_error(k, item, v, exc, a)
+                v = self._on_error(k, item, v, exc, a, pin)
                 if v is _PENDING:
                     return _PENDING
                 continue
@@ -684,7 +771,15 @@ class Segment:
         return v
 
     def _call(
-        self, k: int, node: NodePlan, v: Any, ports: Any, skipped: bool, item: Any, attempt: int
+        self,
+        k: int,
+        node: NodePlan,
+        v: Any,
+        ports: Any,
+        skipped: bool,
+        item: Any,
+        attempt: int,
+        pin: int = -1,
     ) -> Any:
         """Call node ``k``'s task once (under its timeout, if any); ``_NOT_RUN`` if skipped."""
         args: tuple[tuple[Any, ...], dict[str, Any]] | None = None
@@ -694,7 +789,11 @@ class Segment:
             args = _build_args(node, ports)
             if args is None:
                 return _NOT_RUN
-        inst = self._take_instance() if node.is_class else None
+        pinned = pin >= 0 and node.is_class
+        if pinned:  # a keyed instance: this runner holds it for the whole batch
+            inst = self.instances[pin]
+        else:
+            inst = self._take_instance() if node.is_class else None
         target = inst if inst is not None else self.fns[k]
         timeout = node.spec.task.timeout
         try:
@@ -713,9 +812,11 @@ class Segment:
             except BaseException:
                 if inst is not None:  # the abandoned call may still use it: replace it
                     inst = node.spec.task.fn()
+                    if pinned:
+                        self.instances[pin] = inst
                 raise
         finally:
-            if inst is not None:
+            if inst is not None and not pinned:
                 self._give_instance(inst)
 
     def _take_instance(self) -> Any:
@@ -740,12 +841,21 @@ class Segment:
             self.ctx.on_task_failed(failure)
             return Failed((failure,))
         b = node.spec.binding
+        t = node.spec.task
+        call: Callable[[Any], Any] = t
+        if t.timeout is not None:
+            timeout, ctx = t.timeout, self.ctx
+
+            def call(x: Any) -> Any:
+                return ctx.call_with_timeout(lambda: t(x), timeout, node.name, item, 1)
+
         t0 = time.perf_counter()
-        results = self.ctx.map_parallel(node.spec.task, items, b.max_parallelism)
+        results = self.ctx.map_parallel(call, items, b.max_parallelism, t)
         stats.sample(time.perf_counter() - t0)
         failures: list[Failure] = []
         out: list[Any] = []
-        for element, (ok, value) in zip(items, results, strict=True):
+        for element, (ok, value, attempts) in zip(items, results, strict=True):
+            stats.retried += attempts - 1
             if ok:
                 if value is not SKIP:
                     out.append(value)
@@ -760,7 +870,12 @@ class Segment:
                 failures.extend(value.failures)  # a branch's own failure records
                 continue
             failure = Failure.capture(
-                value, task=node.name, item_id=item, run_id=self.ctx.run_id, inputs=(element,)
+                value,
+                task=node.name,
+                item_id=item,
+                run_id=self.ctx.run_id,
+                attempt=attempts,
+                inputs=(element,),
             )
             self.ctx.on_task_failed(failure)
             failures.append(failure)
@@ -855,6 +970,7 @@ class RunContext:
         raise NotImplementedError
 
     def map_parallel(
-        self, fn: Callable[[Any], Any], items: list[Any], parallelism: int
-    ) -> list[tuple[bool, Any]]:  # pragma: no cover - interface
+        self, fn: Callable[[Any], Any], items: list[Any], parallelism: int, policy: Any = None
+    ) -> list[tuple[bool, Any, int]]:  # pragma: no cover - interface
+        """Call ``fn`` per item, ``parallelism`` at once; (ok, value, attempts) per item."""
         raise NotImplementedError

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from actorflow._markers import SKIP
+from actorflow.errors import GraphError
 from actorflow.graph import INPUT, Binding, Gather, Graph, NodeSpec, Ref, _OutRef, _Validated
 
 __all__ = ["NodePlan", "Plan", "SegmentPlan", "compile_plan"]
@@ -53,6 +54,7 @@ class NodePlan:
     is_class: bool
     map_over: bool
     kind: str  # "task", "map" (af.map) or "exceptionally" (a failure handler)
+    first_arg: Callable[[Any], Any] | None = None  # keyed tasks: what key= is applied to
 
 
 @dataclass(slots=True)
@@ -217,6 +219,7 @@ def _node_plan(spec: NodeSpec) -> NodePlan:
         is_class=spec.task.is_class,
         map_over=spec.binding.map_over,
         kind="map" if spec.binding.map_over else spec.kind,
+        first_arg=_first_arg(spec, len(ports)) if spec.task.key is not None else None,
     )
 
 
@@ -280,6 +283,39 @@ def _compiled(source: str, mode: str) -> Any:
     if code is None:
         code = _CODE_CACHE[key] = compile(source, "<actorflow generated>", mode)
     return code
+
+
+def _first_arg(spec: NodeSpec, n_ports: int) -> Callable[[Any], Any]:
+    """For a keyed task: a function from the node's input to its first argument."""
+    b = spec.binding
+    if b.passthrough:
+        return _run_first_arg
+    if n_ports == 1 and b.args and isinstance(b.args[0], Ref) and not b.kwargs:
+        path = b.args[0].path
+        if not path:
+            return _identity
+        return lambda v: _walk(v, path)
+    raise GraphError(
+        f"task {spec.name!r} has key=, so it must be called with one input, the item to "
+        "route (e.g. counter(event)); join several inputs in a task before it"
+    )
+
+
+def _identity(v: Any) -> Any:
+    return v
+
+
+def _run_first_arg(v: Any) -> Any:
+    args, kwargs = v
+    if args:
+        return args[0]
+    return next(iter(kwargs.values()))
+
+
+def _walk(v: Any, path: tuple[Any, ...]) -> Any:
+    for key in path:
+        v = v[key]
+    return v
 
 
 def _positional_join(n: int) -> str:

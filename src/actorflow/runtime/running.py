@@ -634,9 +634,9 @@ class RunningFlow(RunContext):
         return list(seen.values())
 
     def map_parallel(
-        self, fn: Callable[[Any], Any], items: list[Any], parallelism: int
-    ) -> list[tuple[bool, Any]]:
-        return self._pool.map_parallel(fn, items, parallelism)
+        self, fn: Callable[[Any], Any], items: list[Any], parallelism: int, policy: Any = None
+    ) -> list[tuple[bool, Any, int]]:
+        return self._pool.map_parallel(fn, items, parallelism, policy)
 
     def _on_fatal(self, exc: BaseException, *, internal: bool = True) -> None:
         with self._lock:
@@ -655,6 +655,8 @@ class RunningFlow(RunContext):
             )
             error.__cause__ = exc
         for b in blocks:
+            if self._finally is not None:
+                self._finally_cancelled(b, error)
             b.owner.abort(error)
 
     # -- inspection --------------------------------------------------------------------
@@ -773,20 +775,24 @@ class RunningFlow(RunContext):
                     hosts=self._pool.started_hosts,
                 )
 
-    def _finally_cancelled(self, block: _Block) -> None:
+    def _finally_cancelled(self, block: _Block, error: BaseException | None = None) -> None:
         # finally_do runs once per item on cancellation too, with a Cancelled failure
+        # (or the failure that stopped the run)
         with self._lock:
             todo = [
                 i for i in range(block.start, block.start + block.n) if i not in self._finalized
             ]
             self._finalized.update(todo)
         for i in todo:
-            try:
-                raise concurrent.futures.CancelledError(
-                    f"run {self.run_id!r} was stopped before item {i} finished"
-                )
-            except concurrent.futures.CancelledError as exc:
-                failure = Failure.capture(exc, task=self.name, item_id=i, run_id=self.run_id)
+            if error is not None:
+                failure = Failure.capture(error, task=self.name, item_id=i, run_id=self.run_id)
+            else:
+                try:
+                    raise concurrent.futures.CancelledError(
+                        f"run {self.run_id!r} was stopped before item {i} finished"
+                    )
+                except concurrent.futures.CancelledError as exc:
+                    failure = Failure.capture(exc, task=self.name, item_id=i, run_id=self.run_id)
             self._run_finally(i, Failed((failure,)))
 
     def __repr__(self) -> str:
