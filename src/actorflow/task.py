@@ -97,6 +97,7 @@ class Task(Generic[P, R]):
         "__dict__",
         "__wrapped__",
         "backoff",
+        "concurrency",
         "executor",
         "fn",
         "is_class",
@@ -120,6 +121,7 @@ class Task(Generic[P, R]):
         retry_on: tuple[type[BaseException], ...] | None = None,
         timeout: float | None = None,
         key: Callable[[Any], Any] | None = None,
+        concurrency: int = 100,
     ) -> None:
         if isinstance(fn, Task):
             fn = fn.fn
@@ -135,6 +137,7 @@ class Task(Generic[P, R]):
         self.retry_on = retry_on
         self.timeout = timeout
         self.key = key
+        self.concurrency = concurrency
         self.__wrapped__ = fn
         functools.update_wrapper(self, fn, updated=())
 
@@ -197,6 +200,7 @@ class Task(Generic[P, R]):
             "retry_on": self.retry_on,
             "timeout": self.timeout,
             "key": self.key,
+            "concurrency": self.concurrency,
         }
 
     def retryable(self, exc: BaseException, attempt: int) -> bool:
@@ -253,6 +257,7 @@ def task(
     retry_on: tuple[type[BaseException], ...] | None = None,
     timeout: float | None = None,
     key: Callable[[Any], Any] | None = None,
+    concurrency: int = 100,
 ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
 
@@ -268,6 +273,7 @@ def task(
     retry_on: tuple[type[BaseException], ...] | None = None,
     timeout: float | None = None,
     key: Callable[[Any], Any] | None = None,
+    concurrency: int = 100,
 ) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
     """Turn a function (or a class: a stateful task) into a task.
 
@@ -286,13 +292,17 @@ def task(
     on a timer, never blocking the node's other items; a retried item is
     emitted when it succeeds, after items that arrived later.
 
+    A coroutine function (``async def``) becomes an async task: it runs on an
+    event loop owned by the running graph, with up to ``concurrency`` awaits
+    in flight per node (default 100); a timeout cancels the coroutine.
+
     A class task with ``key=`` and ``workers=N`` has N instances; every item
     goes to instance ``stable_hash(key(item)) % N``, so items with the same key
     always reach the same instance (a hash stable across processes, not
     Python's salted ``hash()``). Without ``key``, items go to any free instance.
 
-    Options of later milestones (``executor="process"``, async tasks) are
-    refused with :class:`~actorflow.GraphError` instead of being ignored.
+    Options of later milestones (``executor="process"``) are refused with
+    :class:`~actorflow.GraphError` instead of being ignored.
 
     Example::
 
@@ -323,17 +333,35 @@ def task(
                 "per key); make the task a class with __call__, or drop key= "
                 "(a function task keeps no state)"
             )
-        if executor != "thread":
-            raise GraphError(
-                f"task {label!r}: executor={executor!r} is not implemented yet "
-                "(worker processes and async tasks arrive with issue 4); "
-                "use the default thread executor for now"
-            )
         target = f.fn if isinstance(f, Task) else f
-        if inspect.iscoroutinefunction(target) or inspect.isasyncgenfunction(target):
+        is_coroutine = inspect.iscoroutinefunction(target) or (
+            inspect.isclass(target) and inspect.iscoroutinefunction(target.__call__)
+        )
+        kind = executor
+        if is_coroutine:
+            if executor not in ("thread", "async"):
+                raise GraphError(
+                    f"task {label!r} is a coroutine function: it runs on the run's event "
+                    f"loop (executor='async'), not executor={executor!r}"
+                )
+            kind = "async"
+        elif executor == "async":
             raise GraphError(
-                f"task {label!r} is a coroutine function: async tasks are not implemented "
-                "yet (issue 4); write it as a plain function for now"
+                f"task {label!r}: executor='async' needs a coroutine function (async def)"
+            )
+        if kind not in ("thread", "async"):
+            raise GraphError(
+                f"task {label!r}: executor={executor!r} is not implemented yet (worker "
+                "processes arrive with issue 4); use the thread executor for now"
+            )
+        if inspect.isasyncgenfunction(target):
+            raise GraphError(
+                f"task {label!r} is an async generator: generator (flat-map) tasks arrive "
+                "with the streaming operators; return a list for now"
+            )
+        if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
+            raise GraphError(
+                f"task {label!r}: concurrency must be an int >= 1, got {concurrency!r}"
             )
         if inspect.isgeneratorfunction(target):
             raise GraphError(
@@ -367,13 +395,14 @@ def task(
         return Task(
             f,
             name=name,
-            executor=executor,
+            executor=kind,
             workers=workers,
             retries=retries,
             backoff=backoff,
             retry_on=on,
             timeout=None if timeout is None else float(timeout),
             key=key,
+            concurrency=concurrency,
         )
 
     if fn is not None:

@@ -40,7 +40,7 @@ from itertools import islice
 from typing import Any
 
 from actorflow._markers import SKIP
-from actorflow.errors import Failure, RunFailed, _InnerFailures
+from actorflow.errors import Failure, RunFailed, TaskTimeout, _InnerFailures
 from actorflow.graph import Gather, Ref
 from actorflow.runtime.plan import NodePlan, SegmentPlan
 from actorflow.task import stable_hash
@@ -244,6 +244,7 @@ class Segment:
     """
 
     __slots__ = (
+        "asem",
         "busy",
         "cancelled",
         "capacity",
@@ -256,6 +257,7 @@ class Segment:
         "fns",
         "held",
         "instances",
+        "is_async",
         "joiner",
         "key_fn",
         "lock",
@@ -317,6 +319,8 @@ class Segment:
         self.key_fn: Callable[[Any], Any] | None = head_task.key
         self.first_arg = plan.head.first_arg
         self.busy = [False] * head_task.workers
+        self.is_async = head_task.executor == "async"
+        self.asem: Any = None  # the node's asyncio.Semaphore(concurrency), made in the loop
 
     # -- lifecycle -----------------------------------------------------------
     def open(self) -> None:
@@ -492,6 +496,9 @@ class Segment:
             for w in wake:
                 w.unthrottle()
             head = self.stats[0]
+            if self.is_async:  # hand the batch to the event loop; do not wait for it
+                self._start_async(ticket, ids, vals, special)
+                continue
             head.in_flight += n
             try:
                 out_ids, out, out_special = self.process(ids, vals, special, pin)
@@ -528,6 +535,121 @@ class Segment:
                             self.throttle += self.emit(e_ids, e_vals, e_special)
         if requeue:  # keep our runner slot, but go to the back of the ready queue
             self.schedule(self)
+
+    # -- async tasks (the run's event loop) --------------------------------------
+    def _start_async(self, ticket: int, ids: Any, vals: list[Any], special: bool) -> None:
+        n = len(vals)
+        with self.lock:
+            self.stats[0].in_flight += n
+        fut = self.ctx.run_coroutine(self._abatch(ids, vals, special))
+        fut.add_done_callback(lambda f: self._async_done(ticket, n, f))
+
+    def _async_done(self, ticket: int, n: int, fut: Any) -> None:
+        # runs in the loop thread: emit in ticket order, like a node with several workers
+        with self.lock:
+            self.stats[0].in_flight -= n
+        if fut.cancelled():
+            return  # the run was stopped without draining
+        exc = fut.exception()
+        if exc is not None:
+            self.ctx.on_internal_error(exc)
+            return
+        out_ids, out, out_special = fut.result()
+        with self.lock:
+            self.held[ticket] = (out_ids, out, out_special)
+            while self.next_emit in self.held:
+                e_ids, e_vals, e_special = self.held.pop(self.next_emit)
+                self.next_emit += 1
+                if e_vals:
+                    self.throttle += self.emit(e_ids, e_vals, e_special)
+
+    async def _abatch(
+        self, ids: Any, vals: list[Any], special: bool
+    ) -> tuple[Any, list[Any], bool]:
+        import asyncio
+
+        if self.asem is None:
+            self.asem = asyncio.Semaphore(self.nodes[0].spec.task.concurrency)
+        results = await asyncio.gather(
+            *(self._aone(i, v, special) for i, v in zip(ids, vals, strict=True))
+        )
+        out_special = any(r is SKIP or type(r) is Failed for r in results)
+        return ids, list(results), out_special
+
+    async def _aone(self, item: Any, v: Any, special: bool) -> Any:
+        """One item through an async node: skips, failures, timeout, retries (asleep)."""
+        import asyncio
+
+        node = self.nodes[0]
+        stats = self.stats[0]
+        t = node.spec.task
+        ports = v if self.n_ports > 1 else (v,)
+        args = None
+        if special:
+            failed = [p for p in ports if type(p) is Failed]
+            if failed:
+                return Failed.merge(failed) if len(failed) > 1 else failed[0]
+            if any(p is SKIP for p in ports[: node.n_data]):
+                args = _build_args(node, ports)
+                if args is None:
+                    stats.skipped += 1
+                    return SKIP
+        attempt = 1
+        while True:
+            t0 = time.perf_counter()
+            try:
+                async with self.asem:
+                    if node.is_class:
+                        target = self.instances[0] if self.instances else t.fn()
+                    else:
+                        target = self.fns[0]
+                    coro = node.call(target, v) if args is None else target(*args[0], **args[1])
+                    if t.timeout is None:
+                        r = await coro
+                    else:
+                        try:
+                            r = await asyncio.wait_for(coro, t.timeout)
+                        except TimeoutError as exc:
+                            if time.perf_counter() - t0 < t.timeout * 0.99:
+                                raise  # the task's own TimeoutError
+                            raise TaskTimeout(
+                                f"task {node.name!r} (item {item!r}, attempt {attempt}) took "
+                                f"longer than {t.timeout} s; the coroutine was cancelled"
+                            ) from exc
+                stats.sample(time.perf_counter() - t0)
+            except Exception as exc:
+                if t.retryable(exc, attempt):
+                    stats.retried += 1
+                    delay = t.backoff.jittered(attempt)
+                    self.ctx.log.warning(
+                        "task_retried",
+                        task=node.name,
+                        item_id=item,
+                        attempt=attempt,
+                        delay_s=round(delay, 6),
+                        error_type=type(exc).__name__,
+                        error_message=_message(exc),
+                    )
+                    attempt += 1
+                    await asyncio.sleep(delay)
+                    continue
+                stats.failed += 1
+                failure = Failure.capture(
+                    exc,
+                    task=node.name,
+                    item_id=item,
+                    run_id=self.ctx.run_id,
+                    attempt=attempt,
+                    inputs=tuple(ports[: node.n_data]),
+                    executor="async",
+                )
+                self.ctx.on_task_failed(failure)
+                return Failed((failure,))
+            if r is SKIP:
+                stats.skipped += 1
+            else:
+                stats.done += 1
+            return r
 
     def resume(self) -> None:
         """Ask for runners again (after a restart) if work is waiting."""
@@ -967,6 +1089,14 @@ class RunContext:
 
     def on_segment_crash(self, segment: Segment, exc: Exception) -> None:  # pragma: no cover
         """An internal error escaped ``segment``: restart it or escalate."""
+        raise NotImplementedError
+
+    def run_coroutine(self, coro: Any) -> Any:  # pragma: no cover - interface
+        """Schedule ``coro`` on the run's event loop; return a concurrent future."""
+        raise NotImplementedError
+
+    def on_internal_error(self, exc: BaseException) -> None:  # pragma: no cover
+        """An error the engine cannot attribute to an item: fail the run."""
         raise NotImplementedError
 
     def map_parallel(

@@ -218,6 +218,8 @@ class RunningFlow(RunContext):
         self._failed_items = 0
         self._pool = HostPool(self.run_id, self._on_fatal, watcher_thread=not batch)
         self._deadlines: Deadlines | None = None
+        self._loop: Any = None  # the run's asyncio loop (async tasks), started on first use
+        self._loop_thread: threading.Thread | None = None
         self._supervision: Supervision = getattr(graph, "_supervision", None) or Supervision()
         self._restart_times: dict[int, deque[float]] = {}
         self._on_failure: list[Callable[[Failure], Any]] = getattr(graph, "_on_failure", [])
@@ -580,6 +582,44 @@ class RunningFlow(RunContext):
                 deadlines = self._deadlines
         return deadlines.call(thunk, timeout, task, item, attempt)
 
+    def run_coroutine(self, coro: Any) -> Any:
+        """Schedule ``coro`` on the run's event loop (started on first use)."""
+        import asyncio
+
+        loop = self._loop
+        if loop is None:
+            with self._lock:
+                if self._loop is None:
+                    self._loop = asyncio.new_event_loop()
+                    self._loop_thread = threading.Thread(
+                        target=self._loop.run_forever,
+                        name=f"actorflow-loop-{self.run_id}",
+                        daemon=False,
+                    )
+                    self._loop_thread.start()
+                loop = self._loop
+        return asyncio.run_coroutine_threadsafe(coro, loop)
+
+    def on_internal_error(self, exc: BaseException) -> None:
+        self._on_fatal(exc)
+
+    def _stop_loop(self) -> None:
+        import asyncio
+
+        loop, thread = self._loop, self._loop_thread
+        if loop is None or thread is None:
+            return
+
+        def cancel_all() -> None:
+            for task in asyncio.all_tasks(loop):
+                task.cancel()
+            loop.call_soon(loop.stop)
+
+        loop.call_soon_threadsafe(cancel_all)
+        thread.join()
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+
     def on_segment_crash(self, segment: Segment, exc: Exception) -> None:
         """Supervisor: restart the node (and, by strategy, its downstream) or escalate."""
         sup = self._supervision
@@ -753,6 +793,7 @@ class RunningFlow(RunContext):
                 else:
                     b.owner.abort(cancelled)
             self._pool.shutdown()  # counters are final from here on: metrics() reads them
+            self._stop_loop()
             if self._deadlines is not None:
                 still_running = self._deadlines.shutdown()
                 if still_running:
