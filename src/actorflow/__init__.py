@@ -37,6 +37,7 @@ from actorflow.errors import (
 )
 from actorflow.flow import Flow, Node, flow, map
 from actorflow.graph import Graph, NodeSpec
+from actorflow.observe.monitor import ResourceMonitor
 from actorflow.pipeline import Pipeline, in_parallel
 from actorflow.runtime.running import NodeMetrics, RunningFlow
 from actorflow.supervision import Supervision
@@ -54,6 +55,7 @@ __all__ = [
     "NodeMetrics",
     "NodeSpec",
     "Pipeline",
+    "ResourceMonitor",
     "RunFailed",
     "RunningFlow",
     "StoreError",
