@@ -414,13 +414,21 @@ class Flow(Generic[P, R]):
         from actorflow.runtime.running import run_once
 
         run_id: Any = kwargs.pop("run_id", None)
+        processes: Any = kwargs.pop("processes", None)
         opts = {k: kwargs.pop(k) for k in list(kwargs) if k in _RESERVED}
         opts.pop("max_in_flight", None)
         _refuse_later_options(opts)
-        return run_once(self.graph, args, kwargs, run_id=run_id)  # type: ignore[no-any-return]
+        return run_once(  # type: ignore[no-any-return]
+            self.graph, args, kwargs, run_id=run_id, processes=processes
+        )
 
     def start(
-        self, *, max_in_flight: int = 1024, run_id: str | None = None, **opts: Any
+        self,
+        *,
+        max_in_flight: int = 1024,
+        run_id: str | None = None,
+        processes: int | None = None,
+        **opts: Any,
     ) -> RunningFlow:
         """Start the flow as a long-lived graph; use it as a context manager.
 
@@ -430,7 +438,9 @@ class Flow(Generic[P, R]):
                 fut = running.submit("http://a")
                 for out in running.map(urls): ...
         """
-        return self.graph.start(max_in_flight=max_in_flight, run_id=run_id, **opts)
+        return self.graph.start(
+            max_in_flight=max_in_flight, run_id=run_id, processes=processes, **opts
+        )
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         """Call the flow as a plain function (outside a flow: tasks run directly).

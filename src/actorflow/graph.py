@@ -277,6 +277,8 @@ class Graph:
         order = _topological_order(self.name, specs)
         for spec in specs.values():
             _check_arity(self.name, spec)
+            if spec.task.executor == "process":
+                _check_picklable(spec)
         consumers: dict[str, list[str]] = {name: [] for name in specs}
         for spec in specs.values():
             for src in spec.inputs:
@@ -300,7 +302,9 @@ class Graph:
         return self._validated
 
     # -- running -------------------------------------------------------------
-    def run(self, *args: Any, run_id: str | None = None, **kwargs: Any) -> Any:
+    def run(
+        self, *args: Any, run_id: str | None = None, processes: int | None = None, **kwargs: Any
+    ) -> Any:
         """Run the graph once with these arguments and return its output.
 
         Raises :class:`~actorflow.RunFailed` when a task failed. Run options
@@ -314,10 +318,15 @@ class Graph:
         from actorflow.runtime.running import run_once
 
         opts, kwargs = _split_run_options(kwargs)
-        return run_once(self, args, kwargs, run_id=run_id, **opts)
+        return run_once(self, args, kwargs, run_id=run_id, processes=processes, **opts)
 
     def start(
-        self, *, max_in_flight: int = 1024, run_id: str | None = None, **opts: Any
+        self,
+        *,
+        max_in_flight: int = 1024,
+        run_id: str | None = None,
+        processes: int | None = None,
+        **opts: Any,
     ) -> RunningFlow:
         """Start the graph as a long-lived running flow (a context manager).
 
@@ -330,7 +339,7 @@ class Graph:
         from actorflow.runtime.running import RunningFlow
 
         _refuse_later_options(opts)
-        return RunningFlow(self, max_in_flight=max_in_flight, run_id=run_id)
+        return RunningFlow(self, max_in_flight=max_in_flight, run_id=run_id, processes=processes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -461,6 +470,46 @@ def _check_arity(graph: str, spec: NodeSpec) -> None:
         ) from None
 
 
+def _check_picklable(spec: NodeSpec) -> None:
+    """Refuse a process task that cannot be shipped to a worker, naming the culprit."""
+    import cloudpickle
+
+    fn = spec.task.fn
+    try:
+        cloudpickle.dumps(fn)
+        if spec.task.key is not None:
+            cloudpickle.dumps(spec.task.key)
+        return
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+    culprit = None
+    code = getattr(fn, "__code__", None)
+    candidates: list[tuple[str, Any]] = []
+    for cell_name, cell in zip(
+        getattr(code, "co_freevars", ()), getattr(fn, "__closure__", None) or (), strict=False
+    ):
+        try:
+            candidates.append((cell_name, cell.cell_contents))
+        except ValueError:
+            pass
+    fn_globals = getattr(fn, "__globals__", {})
+    for name in getattr(code, "co_names", ()):
+        if name in fn_globals:
+            candidates.append((name, fn_globals[name]))
+    for name, value in candidates:
+        try:
+            cloudpickle.dumps(value)
+        except Exception:
+            culprit = f"{name!r} ({type(value).__module__}.{type(value).__qualname__})"
+            break
+    what = culprit or f"it ({reason})"
+    raise GraphError(
+        f"task {spec.name!r} cannot run in a worker process: {what} is not picklable; "
+        "create that object inside the task (e.g. open the connection there), "
+        "or use executor='thread'"
+    )
+
+
 def _escape(name: str) -> str:
     return name.replace('"', "#quot;")
 
@@ -473,7 +522,6 @@ def _dot_id(name: str) -> str:
 def _refuse_later_options(opts: Mapping[str, Any]) -> None:
     later = {
         "store": "the durable store",
-        "processes": "the worker-process pool (issue 4)",
         "backend": "other backends (Ray)",
     }
     for key in opts:

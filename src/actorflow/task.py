@@ -301,8 +301,12 @@ def task(
     always reach the same instance (a hash stable across processes, not
     Python's salted ``hash()``). Without ``key``, items go to any free instance.
 
-    Options of later milestones (``executor="process"``) are refused with
-    :class:`~actorflow.GraphError` instead of being ignored.
+    ``executor="process"`` runs the task's calls in the running graph's pool of
+    worker processes (shared by all its process tasks; ``processes=`` on
+    ``run`` / ``start``, default: the number of cores); ``workers=N`` is how
+    many of the node's calls (or, for class tasks, instances) run at once.
+    The function is shipped once per worker with cloudpickle; an unpicklable
+    one is refused when the graph is built, naming the offending object.
 
     Example::
 
@@ -312,6 +316,9 @@ def task(
 
         @af.task(name="fetch", workers=8, retries=3, retry_on=(ConnectionError,), timeout=5.0)
         def fetch(url: str) -> bytes: ...
+
+        @af.task(executor="process", workers=2)
+        def score(rows: list[dict]) -> float: ...
 
         @af.task
         class Counter:
@@ -339,7 +346,7 @@ def task(
         )
         kind = executor
         if is_coroutine:
-            if executor not in ("thread", "async"):
+            if executor not in ("thread", "async"):  # a coroutine cannot cross processes
                 raise GraphError(
                     f"task {label!r} is a coroutine function: it runs on the run's event "
                     f"loop (executor='async'), not executor={executor!r}"
@@ -349,10 +356,10 @@ def task(
             raise GraphError(
                 f"task {label!r}: executor='async' needs a coroutine function (async def)"
             )
-        if kind not in ("thread", "async"):
+        if kind not in ("thread", "async", "process"):
             raise GraphError(
-                f"task {label!r}: executor={executor!r} is not implemented yet (worker "
-                "processes arrive with issue 4); use the thread executor for now"
+                f"task {label!r}: unknown executor={executor!r}; use 'thread' (default), "
+                "'process' (CPU-bound work in worker processes) or 'async' (coroutines)"
             )
         if inspect.isasyncgenfunction(target):
             raise GraphError(

@@ -31,6 +31,8 @@ Memory per edge is therefore bounded by ``capacity`` plus one batch per sender.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import logging
 import threading
 import time
@@ -76,7 +78,7 @@ class Failed:
 class NodeStats:
     """Mutable per-node counters, written by the node's runner, read by ``metrics()``."""
 
-    __slots__ = ("done", "failed", "in_flight", "latencies", "retried", "skipped")
+    __slots__ = ("done", "failed", "in_flight", "latencies", "retried", "skipped", "state_lost")
 
     def __init__(self) -> None:
         self.done = 0
@@ -84,6 +86,7 @@ class NodeStats:
         self.skipped = 0
         self.retried = 0
         self.in_flight = 0
+        self.state_lost = 0
         self.latencies: list[float] = []  # recent samples; see sample()
 
     def sample(self, seconds: float) -> None:
@@ -203,6 +206,40 @@ class _Resume:
         self.pin = pin
 
 
+class _ArgsCall:
+    """Arguments built in the parent (a gather with skipped elements), for a remote call."""
+
+    __slots__ = ("args", "kwargs")
+
+    def __init__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.args = args
+        self.kwargs = kwargs
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_ArgsCall, (self.args, self.kwargs))
+
+
+def _remote_stage0(fn: Any, call: Any, v: Any) -> Any:
+    """First function of a remote chain: the node's binding applied in the worker."""
+    if type(v) is _ArgsCall:
+        return fn(*v.args, **v.kwargs)
+    return call(fn, v)
+
+
+def _remote_stage(fn: Any, call: Any, v: Any) -> Any:
+    return call(fn, v)
+
+
+def _remote_retryable(t: Any, exc: BaseException | None, type_name: str, attempt: int) -> bool:
+    if attempt > t.retries:
+        return False
+    if exc is not None:
+        return bool(t.retryable(exc, attempt))
+    if type_name in ("KeyboardInterrupt", "SystemExit", "GeneratorExit"):
+        return False
+    return t.retry_on is None or any(c.__name__ == type_name for c in t.retry_on)
+
+
 class InjectedCrash(Exception):
     """An internal error injected by ``actorflow.testing.crash_node`` (fault injection)."""
 
@@ -258,6 +295,7 @@ class Segment:
         "held",
         "instances",
         "is_async",
+        "is_process",
         "joiner",
         "key_fn",
         "lock",
@@ -267,9 +305,11 @@ class Segment:
         "next_ticket",
         "nodes",
         "plan",
+        "pool_key",
         "queued",
         "restarts",
         "retrying",
+        "rr",
         "running",
         "schedule",
         "stats",
@@ -320,6 +360,9 @@ class Segment:
         self.first_arg = plan.head.first_arg
         self.busy = [False] * head_task.workers
         self.is_async = head_task.executor == "async"
+        self.is_process = head_task.executor == "process"
+        self.pool_key: str | None = None  # registered in the run's process pool on first use
+        self.rr = itertools.count()
         self.asem: Any = None  # the node's asyncio.Semaphore(concurrency), made in the loop
 
     # -- lifecycle -----------------------------------------------------------
@@ -536,6 +579,137 @@ class Segment:
         if requeue:  # keep our runner slot, but go to the back of the ready queue
             self.schedule(self)
 
+    # -- process tasks (the run's pool of worker processes) -----------------------
+    def _register_remote(self, pool: Any) -> str:
+        key = f"{self.plan.index}:{self.name}"
+        head = self.nodes[0]
+        t = head.spec.task
+        if t.is_class:
+            pool.register_instances(key, t.fn, t.workers)
+        else:
+            chain = [functools.partial(_remote_stage0, head.spec.task.fn, head.call)]
+            chain.extend(
+                functools.partial(_remote_stage, n.spec.task.fn, n.call) for n in self.nodes[1:]
+            )
+            pool.register(key, chain)
+        self.pool_key = key
+        return key
+
+    def _process_remote(
+        self, ids: Any, vals: list[Any], special: bool, pin: int
+    ) -> tuple[Any, list[Any], bool]:
+        """Run the batch's clean items in one worker process; map outcomes back.
+
+        Items with failed or skipped inputs never leave the parent. ``Err`` /
+        ``Crashed`` / ``Timeout`` outcomes are failed attempts under the retry
+        policy (a crash is charged to the item that killed a worker alone).
+        """
+        from actorflow.runtime import processes as pr
+
+        ctx = self.ctx
+        head = self.nodes[0]
+        t = head.spec.task
+        out: list[Any] = [None] * len(vals)
+        send_at: list[int] = []
+        send: list[Any] = []
+        attempts: list[int] = []
+        for j, value in enumerate(vals):
+            attempt = 1
+            v = value
+            if type(v) is _Resume:
+                attempt, v = v.attempt, v.v
+            if special:
+                ports = v if self.n_ports > 1 else (v,)
+                failed = [p for p in ports if type(p) is Failed]
+                if failed:
+                    out[j] = Failed.merge(failed) if len(failed) > 1 else failed[0]
+                    continue
+                if any(p is SKIP for p in ports[: head.n_data]):
+                    args = _build_args(head, ports)
+                    if args is None:
+                        self.stats[0].skipped += 1
+                        out[j] = SKIP
+                        continue
+                    v = _ArgsCall(args[0], args[1])
+            send_at.append(j)
+            send.append(v)
+            attempts.append(attempt)
+        if send:
+            pool = ctx.process_pool()
+            key = self.pool_key or self._register_remote(pool)
+            t0 = time.perf_counter()
+            if t.is_class:
+                index = pin if pin >= 0 else self._next_instance()
+                outcomes = pool.call_instance(key, index, send, timeout=t.timeout)
+            else:
+                outcomes = pool.call_batch(key, send, timeout=t.timeout)
+            self.stats[0].sample((time.perf_counter() - t0) / len(send))
+            n_nodes = len(self.nodes)
+            for j, v, attempt, oc in zip(send_at, send, attempts, outcomes, strict=True):
+                item = ids[j]
+                if type(oc) is pr.Ok:
+                    value = oc.value
+                    for k in range(n_nodes):
+                        self.stats[k].done += 1
+                    if value is SKIP:
+                        self.stats[-1].done -= 1
+                        self.stats[-1].skipped += 1
+                    out[j] = value
+                    continue
+                k = max(0, oc.stage) if type(oc) is pr.Err else 0
+                for done_k in range(k):
+                    self.stats[done_k].done += 1
+                out[j] = self._remote_error(k, item, v, oc, attempt, pin)
+        held = sum(1 for o in out if o is _PENDING)
+        any_special = any(o is SKIP or type(o) is Failed for o in out)
+        ids_out, out = self._without_held(ids, out, held)
+        return ids_out, out, any_special
+
+    def _next_instance(self) -> int:
+        # an unkeyed class task in processes: its instances take batches in turn
+        return next(self.rr) % self.workers
+
+    def _remote_error(
+        self, k: int, item: Any, v_in: Any, outcome: Any, attempt: int, pin: int
+    ) -> Any:
+        """A failed remote attempt: retry it later (``_PENDING``) or fail the item."""
+        from actorflow.errors import WorkerCrashed
+        from actorflow.runtime import processes as pr
+
+        node = self.nodes[k]
+        t = node.spec.task
+        stats = self.stats[k]
+        if type(outcome) is pr.Err:
+            exc = outcome.error.exception
+            type_name = outcome.error.error_type
+            message = outcome.error.message
+        elif type(outcome) is pr.Crashed:
+            exc, type_name, message = WorkerCrashed(outcome.description), "WorkerCrashed", ""
+        else:
+            exc, type_name, message = TaskTimeout(str(outcome.seconds)), "TaskTimeout", ""
+        if _remote_retryable(t, exc, type_name, attempt):
+            stats.retried += 1
+            delay = t.backoff.jittered(attempt)
+            self.ctx.log.warning(
+                "task_retried",
+                task=node.name,
+                item_id=item,
+                attempt=attempt,
+                delay_s=round(delay, 6),
+                error_type=type_name,
+                error_message=message,
+            )
+            with self.lock:
+                self.retrying += 1
+            self.ctx.call_later(delay, self._retry, item, _Resume(0, v_in, attempt + 1, pin))
+            return _PENDING
+        stats.failed += 1
+        failure = outcome.to_failure(
+            task=node.name, item_id=item, run_id=self.ctx.run_id, attempt=attempt, inputs=(v_in,)
+        )
+        self.ctx.on_task_failed(failure)
+        return Failed((failure,))
+
     # -- async tasks (the run's event loop) --------------------------------------
     def _start_async(self, ticket: int, ids: Any, vals: list[Any], special: bool) -> None:
         n = len(vals)
@@ -687,6 +861,8 @@ class Segment:
         if self.crash_next:  # fault injection (actorflow.testing): an internal error
             self.crash_next -= 1
             raise InjectedCrash(f"injected crash in node {self.crash_target or self.name!r}")
+        if self.is_process:
+            return self._process_remote(ids, vals, special, pin)
         out: list[Any] = []
         careful = self.careful
         n = len(vals)
@@ -1097,6 +1273,10 @@ class RunContext:
 
     def on_internal_error(self, exc: BaseException) -> None:  # pragma: no cover
         """An error the engine cannot attribute to an item: fail the run."""
+        raise NotImplementedError
+
+    def process_pool(self) -> Any:  # pragma: no cover - interface
+        """The run's shared pool of worker processes (started on first use)."""
         raise NotImplementedError
 
     def map_parallel(

@@ -139,15 +139,36 @@ def compile_plan(graph: Graph) -> Plan:
             and t.timeout is None
         )
 
+    def fusable_process(node: NodePlan) -> bool:
+        # process function tasks fuse into one chain run inside the worker (items in,
+        # only results out); a retry or timeout policy keeps a node on its own
+        t = node.spec.task
+        return (
+            t.executor == "process"
+            and not t.is_class
+            and node.kind == "task"
+            and t.retries == 0
+            and t.timeout is None
+        )
+
+    def fuse(prev: NodePlan, node: NodePlan) -> bool:
+        if fusable(prev) and fusable(node):
+            return True
+        return (
+            fusable_process(prev)
+            and fusable_process(node)
+            and prev.spec.task.workers == node.spec.task.workers
+        )
+
     seg_of: dict[str, int] = {}
     segments: list[SegmentPlan] = []
     for name in validated.order:
         node = nodes[name]
-        if len(node.ports) == 1 and node.ports[0] != INPUT and fusable(node):
+        if len(node.ports) == 1 and node.ports[0] != INPUT:
             prev = node.ports[0]
             prev_node = nodes[prev]
             if (
-                fusable(prev_node)
+                fuse(prev_node, node)
                 and consumers[prev] == (name,)
                 and prev not in sink_feeds
                 and segments[seg_of[prev]].tail is prev_node

@@ -51,7 +51,11 @@ class NodeMetrics:
     (always 0 until retries land); ``in_flight`` items being processed now;
     ``queued`` items waiting for this node (in its mailbox or join);
     ``p50_s`` / ``p99_s`` the task-call latency over recent calls (the first
-    item of every batch is timed; ``None`` before any call).
+    item of every batch is timed; ``None`` before any call). Beyond the
+    contract: ``restarts`` (supervisor restarts of the node), ``state_lost``
+    (keyed instances that lost their state with a dead worker) and, for
+    process nodes, ``workers`` (per worker process: pid, alive, rss_mb,
+    cpu_percent, tasks_done).
 
     Example::
 
@@ -67,6 +71,9 @@ class NodeMetrics:
     queued: int
     p50_s: float | None
     p99_s: float | None
+    restarts: int = 0
+    state_lost: int = 0
+    workers: tuple[dict[str, Any], ...] = ()
 
 
 class _Block:
@@ -194,9 +201,13 @@ class RunningFlow(RunContext):
         run_id: str | None = None,
         batch: bool = False,
         edge_capacity: int | None = None,
+        processes: int | None = None,
     ) -> None:
         if not isinstance(max_in_flight, int) or max_in_flight < 1:
             raise ValueError(f"max_in_flight must be an int >= 1, got {max_in_flight!r}")
+        if processes is not None and (not isinstance(processes, int) or processes < 1):
+            raise ValueError(f"processes must be an int >= 1, got {processes!r}")
+        self._worker_stats: list[dict[str, Any]] = []
         self.graph = graph
         self.plan = plan = compile_plan(graph)
         self.name = graph.name
@@ -219,6 +230,8 @@ class RunningFlow(RunContext):
         self._pool = HostPool(self.run_id, self._on_fatal, watcher_thread=not batch)
         self._deadlines: Deadlines | None = None
         self._loop: Any = None  # the run's asyncio loop (async tasks), started on first use
+        self._processes: Any = None  # the run's ProcessPool (process tasks), on first use
+        self._n_processes = processes
         self._loop_thread: threading.Thread | None = None
         self._supervision: Supervision = getattr(graph, "_supervision", None) or Supervision()
         self._restart_times: dict[int, deque[float]] = {}
@@ -603,6 +616,36 @@ class RunningFlow(RunContext):
     def on_internal_error(self, exc: BaseException) -> None:
         self._on_fatal(exc)
 
+    def process_pool(self) -> Any:
+        """The run's pool of worker processes, shared by all its process tasks."""
+        pool = self._processes
+        if pool is None:
+            from actorflow.runtime.processes import ProcessPool
+
+            with self._lock:
+                if self._processes is None:
+                    self._processes = ProcessPool(
+                        self._n_processes or os.cpu_count() or 1,
+                        name=self.run_id,
+                        on_event=self._on_pool_event,
+                    )
+                pool = self._processes
+        return pool
+
+    def _on_pool_event(self, event: str, data: dict[str, Any]) -> None:
+        if event == "instance_state_lost":
+            key = str(data.get("key", ""))
+            for seg in self._segments:
+                if seg.pool_key == key:
+                    seg.stats[0].state_lost += len(data.get("indices", ())) or 1
+        fields = {k: v for k, v in data.items() if k != "event"}
+        if event == "worker_started":
+            self._log.debug(event, **fields)
+        elif event == "worker_recycled":
+            self._log.info(event, **fields)
+        else:  # worker_died, worker_timed_out, instance_state_lost
+            self._log.warning(event, **fields)
+
     def _stop_loop(self) -> None:
         import asyncio
 
@@ -709,6 +752,12 @@ class RunningFlow(RunContext):
                 print(f"{name}: {m.done} done, p99 {m.p99_s}")
         """
         out: dict[str, NodeMetrics] = {}
+        workers: tuple[dict[str, Any], ...] = ()
+        if any(seg.is_process for seg in self._segments):
+            if self._processes is not None and not self._stopped:
+                workers = tuple(self._processes.stats())
+            else:
+                workers = tuple(self._worker_stats)
         for seg in self._segments:
             queued = seg.pending_items()
             for k, (node, stats) in enumerate(zip(seg.nodes, seg.stats, strict=True)):
@@ -724,6 +773,9 @@ class RunningFlow(RunContext):
                     queued=queued if k == 0 else 0,
                     p50_s=p50,
                     p99_s=p99,
+                    restarts=seg.restarts if k == 0 else 0,
+                    state_lost=stats.state_lost,
+                    workers=workers if seg.is_process else (),
                 )
         return out
 
@@ -794,6 +846,9 @@ class RunningFlow(RunContext):
                     b.owner.abort(cancelled)
             self._pool.shutdown()  # counters are final from here on: metrics() reads them
             self._stop_loop()
+            if self._processes is not None:
+                self._worker_stats = self._processes.stats()
+                self._processes.shutdown(kill=not drain)
             if self._deadlines is not None:
                 still_running = self._deadlines.shutdown()
                 if still_running:
@@ -854,14 +909,19 @@ def _takes_parameters(fn: Any) -> bool:
 
 
 def run_once(
-    graph: Graph, args: tuple[Any, ...], kwargs: dict[str, Any], *, run_id: str | None
+    graph: Graph,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    run_id: str | None,
+    processes: int | None = None,
 ) -> Any:
     """Run ``graph`` for one item in the caller's thread; return its output.
 
     The caller's thread watches the host pool while it waits; a
     ``BaseException`` (Ctrl-C) cancels the run and is re-raised.
     """
-    running = RunningFlow(graph, max_in_flight=1, run_id=run_id, batch=True)
+    running = RunningFlow(graph, max_in_flight=1, run_id=run_id, batch=True, processes=processes)
     log = running._log
     t0 = time.perf_counter()
     log.info("run_started", nodes=running.plan.n_nodes)

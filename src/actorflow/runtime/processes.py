@@ -1,0 +1,1569 @@
+"""Worker processes for ``executor="process"`` tasks: one shared, self-healing pool per run.
+
+:class:`ProcessPool` is a standalone, thread-safe component: host threads call it,
+it never calls them (except through ``on_event``). It owns no thread of its own;
+the calling thread does all the waiting, on file descriptors, never with sleeps.
+
+API::
+
+    pool = ProcessPool(processes=2, name="run-1", on_event=handler)
+    pool.register("score", [parse, score])          # a chain: item -> parse -> score
+    pool.call_batch("score", items, timeout=5.0)    # -> [Ok | Err | Crashed | Timeout]
+    pool.register_instances("rate", ErrorRate, n=4) # keyed stateful instances
+    pool.call_instance("rate", 2, events)           # instance 2 lives on worker 2 % P
+    pool.stats()                                    # per worker: pid, alive, tasks_done, ...
+    pool.shutdown()                                 # stop and join every worker (idempotent)
+
+Outcomes, one per item, in order:
+
+- ``Ok(value)``: the chain ran to its end, or a function returned ``SKIP``
+  (then ``value is SKIP``).
+- ``Err(stage, error)``: ``fns[stage]`` raised; ``error`` is a :class:`RemoteError`
+  computed in the worker (type name, message, traceback text, innermost user
+  frame, locals reprs, pid, and the exception itself when it survives pickling).
+  ``stage == -1``: the item never reached a function (its input could not be
+  pickled or unpickled, or the chain could not be loaded in the worker). A result
+  that cannot be pickled fails only its own item, with ``error_type ==
+  "PicklingError"``.
+- ``Crashed(description, exitcode, pid)``: the item killed a worker while alone in
+  its batch (``os._exit``, a segfault, the OOM killer, SIGKILL).
+- ``Timeout(seconds, pid)``: the item was still running ``timeout`` seconds after
+  it started; its worker was killed (SIGTERM, then SIGKILL after a grace period).
+
+Each of ``Err``, ``Crashed`` and ``Timeout`` turns into an :class:`actorflow.Failure`
+with ``to_failure(task=..., item_id=..., run_id=..., attempt=...)``.
+
+Design
+------
+
+*Processes.* Workers are started with ``forkserver`` (preloading ``actorflow``) where
+available, else ``spawn``; never plain ``fork`` (a fork of a threaded process can
+deadlock, and it would leak every open descriptor into the worker). Each worker is a
+long-lived process with two one-way pipes (requests in, results out) and a tiny
+shared-memory progress record. Workers start lazily on first use of their slot, or
+eagerly with :meth:`ProcessPool.start`. The parent's current stdout / stderr
+descriptors are handed to each worker at start, so ``print`` in a task reaches the
+parent's stdout even though a forkserver child descends from the forkserver.
+
+*Protocol.* One request per batch, parent -> worker: ``(kind, batch_id, key,
+version, code, items)`` where ``items`` are per-item pickles and ``code`` is the
+cloudpickled chain (or class), pickled once in the parent and sent to a worker only
+the first time that worker sees this version of the key. Results come back as
+chunks ``(batch_id, start_position, [per-item pickles])``: a fast batch returns in
+one message; a slow one flushes whatever finished every ``_FLUSH_INTERVAL_S`` (or
+``_FLUSH_BYTES``), so that results that returned before a death are kept. Per-item
+pickles isolate pickling failures to their own item in both directions. The
+protocol is strictly request/response per worker (the worker reads a whole request
+before it writes anything), so the two pipes cannot deadlock; task output goes to
+the inherited stdout / stderr, not through the pipes.
+
+*Death detection.* The calling thread blocks in
+``multiprocessing.connection.wait([result_pipe, process.sentinel])``: a worker that
+dies (SIGKILL, ``os._exit``, OOM) wakes it at once. Complete result messages still
+in the pipe are drained first, then the worker is reaped and the slot restarted on
+its next use (at once if items of the batch remain).
+
+*Isolation.* Items of a batch that had not returned when its worker died are
+re-sent ONE AT A TIME, in order, on the restarted worker of the same slot. Only an
+item that kills a worker while alone gets ``Crashed``; the others complete normally.
+The pool does not retry a ``Crashed`` item: charging attempts is the caller's job.
+
+*Timeouts.* Before each item the worker writes ``(batch_id, position,
+start_time)`` into shared memory (three doubles, no message). The waiting thread
+sleeps in ``wait`` until the running item's deadline, then kills the worker only if
+the same item (same record) is still running. The other unreturned items of the
+batch are re-sent together (they are not suspects).
+
+*Keyed instances.* ``register_instances(key, cls, n)``: instance ``i`` is created
+with ``cls()`` in worker ``i % processes`` on first use and keeps its state across
+calls. A worker that dies, times out or is recycled loses its instances: reported
+through ``on_event("instance_state_lost", {...})``; they are recreated empty on next
+use.
+
+*Recycling.* After a call, a worker that has run ``max_tasks_per_worker`` items or
+whose RSS exceeds ``max_worker_rss_mb`` is stopped gracefully and replaced on next
+use.
+
+*Events* passed to ``on_event(name, data)`` (from the calling thread; exceptions
+in the handler are logged and ignored): ``worker_started``, ``worker_died``,
+``worker_timed_out``, ``worker_recycled``, ``instance_state_lost``.
+
+*Locks.* ``_cond`` guards slot ownership (a call owns one slot, exclusively, for
+its whole duration, re-sends included, so there is no hold-and-wait).
+``_proc_lock`` serialises every operation on ``multiprocessing.Process`` objects
+(start, poll, join, signals), which multiprocessing does not make thread-safe.
+
+Limits: a task that runs in a worker and is killed may have run partially (side
+effects happen at least once); results finished less than ``_FLUSH_INTERVAL_S``
+before a death are lost and recomputed. Functions are pickled by reference when
+their module is importable, so that module must import in the worker too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import multiprocessing
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+import traceback
+import weakref
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from multiprocessing import reduction
+from multiprocessing.connection import Connection, wait
+from multiprocessing.context import BaseContext
+from multiprocessing.process import BaseProcess
+from multiprocessing.sharedctypes import RawArray
+from typing import Any, Final, Literal, TypeAlias
+
+import cloudpickle
+import psutil
+
+from actorflow._markers import SKIP
+from actorflow.errors import (
+    ActorflowError,
+    Failure,
+    GraphError,
+    TaskTimeout,
+    WorkerCrashed,
+    safe_repr,
+)
+from actorflow.observe.log import EventLog
+
+__all__ = [
+    "Crashed",
+    "Err",
+    "Ok",
+    "Outcome",
+    "PoolClosed",
+    "ProcessPool",
+    "RemoteError",
+    "Timeout",
+]
+
+_PROTOCOL: Final = pickle.HIGHEST_PROTOCOL
+_FLUSH_INTERVAL_S: Final = 0.05
+_FLUSH_BYTES: Final = 4 * 1024 * 1024
+_KILL_GRACE_S: Final = 1.0
+_STOP_GRACE_S: Final = 5.0
+_MAX_UNDELIVERED: Final = 3
+
+# parent -> worker request kinds; worker -> parent batch id 0 is the start-up hello
+_RUN: Final = 1
+_INSTANCE: Final = 2
+_STOP: Final = 3
+_HELLO_BATCH: Final = 0
+# per-item result tags
+_OK: Final = 0
+_ERR: Final = 1
+
+
+# --------------------------------------------------------------------------- outcomes
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteError:
+    """An exception raised in a worker process, described there (frames cannot cross).
+
+    ``exception`` is the exception object itself when it survives pickling both
+    ways, else ``None``. ``file_path`` / ``line_number`` / ``function`` / ``locals``
+    describe the innermost frame outside actorflow; ``locals`` maps names to safe,
+    truncated reprs.
+
+    Example::
+
+        out = pool.call_batch("parse", ["{bad"])[0]
+        if isinstance(out, Err):
+            print(out.error.error_type, out.error.message, out.error.line_number)
+    """
+
+    error_type: str
+    message: str
+    traceback: str
+    file_path: str | None
+    line_number: int | None
+    function: str | None
+    locals: dict[str, str]
+    pid: int
+    thread: str
+    exception: BaseException | None = field(default=None, compare=False, repr=False)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # the exception travels as separate bytes: if it cannot be rebuilt on the
+        # other side, the record still arrives (with exception=None)
+        return (
+            _rebuild_remote_error,
+            (
+                self.error_type,
+                self.message,
+                self.traceback,
+                self.file_path,
+                self.line_number,
+                self.function,
+                self.locals,
+                self.pid,
+                self.thread,
+                _dumps_or_none(self.exception),
+            ),
+        )
+
+    def to_failure(
+        self,
+        *,
+        task: str,
+        item_id: Any,
+        run_id: str,
+        attempt: int = 1,
+        inputs: tuple[Any, ...] = (),
+    ) -> Failure:
+        """Return the :class:`actorflow.Failure` for this error (``executor="process"``).
+
+        Example::
+
+            failure = out.error.to_failure(task="parse", item_id=7, run_id="r1")
+        """
+        return Failure(
+            task=task,
+            item_id=item_id,
+            run_id=run_id,
+            attempt=attempt,
+            error_type=self.error_type,
+            message=self.message,
+            traceback=self.traceback,
+            file_path=self.file_path,
+            line_number=self.line_number,
+            function=self.function,
+            timestamp=time.time(),
+            inputs=tuple(safe_repr(v) for v in inputs),
+            locals=dict(self.locals),
+            pid=self.pid,
+            thread=self.thread,
+            executor="process",
+            _exception=self.exception,
+        )
+
+
+def _rebuild_remote_error(
+    error_type: str,
+    message: str,
+    traceback_text: str,
+    file_path: str | None,
+    line_number: int | None,
+    function: str | None,
+    local_reprs: dict[str, str],
+    pid: int,
+    thread: str,
+    exc_bytes: bytes | None,
+) -> RemoteError:
+    exception = None
+    if exc_bytes is not None:
+        try:
+            exception = pickle.loads(exc_bytes)
+        except Exception:
+            exception = None
+    return RemoteError(
+        error_type,
+        message,
+        traceback_text,
+        file_path,
+        line_number,
+        function,
+        local_reprs,
+        pid,
+        thread,
+        exception if isinstance(exception, BaseException) else None,
+    )
+
+
+def _dumps_or_none(value: Any) -> bytes | None:
+    if value is None:
+        return None
+    for dumps in (pickle.dumps, cloudpickle.dumps):
+        try:
+            data: bytes = dumps(value, protocol=_PROTOCOL)
+            return data
+        except Exception:
+            continue
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Ok:
+    """The chain ran for this item; ``value`` is its result (possibly ``SKIP``).
+
+    Example::
+
+        [Ok(2), Ok(4)] == pool.call_batch("double", [1, 2])
+    """
+
+    value: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Err:
+    """``fns[stage]`` raised (``stage == -1``: the item never reached a function).
+
+    Example::
+
+        out = pool.call_batch("parse", ["{bad"])[0]
+        if isinstance(out, Err):
+            failure = out.to_failure(task="parse", item_id=1, run_id="r1")
+    """
+
+    stage: int
+    error: RemoteError
+
+    def to_failure(
+        self,
+        *,
+        task: str,
+        item_id: Any,
+        run_id: str,
+        attempt: int = 1,
+        inputs: tuple[Any, ...] = (),
+    ) -> Failure:
+        """Return the :class:`actorflow.Failure` for this item.
+
+        Example::
+
+            failure = err.to_failure(task="parse", item_id=1, run_id="r1", attempt=2)
+        """
+        return self.error.to_failure(
+            task=task, item_id=item_id, run_id=run_id, attempt=attempt, inputs=inputs
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Crashed:
+    """This item killed a worker process while it was alone in its batch.
+
+    ``description`` says how (``"killed by signal SIGKILL"``, ``"exited with code
+    3"``); ``exitcode`` is the process exit code (negative: the signal number).
+
+    Example::
+
+        out = pool.call_batch("native", [bad_input])[0]
+        if isinstance(out, Crashed):
+            print(out.description, out.exitcode)
+    """
+
+    description: str
+    exitcode: int | None
+    pid: int | None
+
+    def to_failure(
+        self,
+        *,
+        task: str,
+        item_id: Any,
+        run_id: str,
+        attempt: int = 1,
+        inputs: tuple[Any, ...] = (),
+    ) -> Failure:
+        """Return an ``af.WorkerCrashed`` :class:`actorflow.Failure` for this item.
+
+        Example::
+
+            failure = crashed.to_failure(task="native", item_id=3, run_id="r1")
+        """
+        message = (
+            f"worker process {self.pid} {self.description} while running this item alone; "
+            "the item kills the process that runs it (os._exit, a crash in native code, "
+            "or out of memory)"
+        )
+        return _synthetic_failure(
+            WorkerCrashed(message), task, item_id, run_id, attempt, inputs, self.pid
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Timeout:
+    """This item was still running ``seconds`` after it started; its worker was killed.
+
+    Example::
+
+        out = pool.call_batch("slow", [x], timeout=2.0)[0]
+        if isinstance(out, Timeout):
+            print(f"gave up after {out.seconds} s")
+    """
+
+    seconds: float
+    pid: int | None
+
+    def to_failure(
+        self,
+        *,
+        task: str,
+        item_id: Any,
+        run_id: str,
+        attempt: int = 1,
+        inputs: tuple[Any, ...] = (),
+    ) -> Failure:
+        """Return an ``af.TaskTimeout`` :class:`actorflow.Failure` for this item.
+
+        Example::
+
+            failure = timeout.to_failure(task="slow", item_id=3, run_id="r1")
+        """
+        message = (
+            f"task {task!r} did not finish within {self.seconds:g} s; its worker process "
+            f"{self.pid} was killed and restarted"
+        )
+        return _synthetic_failure(
+            TaskTimeout(message), task, item_id, run_id, attempt, inputs, self.pid
+        )
+
+
+Outcome: TypeAlias = Ok | Err | Crashed | Timeout
+"""What :meth:`ProcessPool.call_batch` returns for each item."""
+
+
+def _synthetic_failure(
+    exc: BaseException,
+    task: str,
+    item_id: Any,
+    run_id: str,
+    attempt: int,
+    inputs: tuple[Any, ...],
+    pid: int | None,
+) -> Failure:
+    return Failure(
+        task=task,
+        item_id=item_id,
+        run_id=run_id,
+        attempt=attempt,
+        error_type=type(exc).__name__,
+        message=str(exc),
+        traceback=f"{type(exc).__name__}: {exc}\n",
+        file_path=None,
+        line_number=None,
+        function=None,
+        timestamp=time.time(),
+        inputs=tuple(safe_repr(v) for v in inputs),
+        locals={},
+        pid=pid if pid is not None else 0,
+        thread="",
+        executor="process",
+        _exception=exc,
+    )
+
+
+class PoolClosed(ActorflowError):
+    """The process pool was shut down; no more calls are accepted.
+
+    Raised by calls made after :meth:`ProcessPool.shutdown`, and by calls in
+    flight when ``shutdown(kill=True)`` kills their worker.
+
+    Example::
+
+        pool.shutdown()
+        pool.call_batch("score", [1])   # PoolClosed: process pool 'run' is shut down
+    """
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+def _code_location(fn: Any) -> tuple[str | None, int | None, str | None]:
+    code = getattr(fn, "__code__", None)
+    if code is None:  # a callable object: describe its class's __call__
+        code = getattr(type(fn).__dict__.get("__call__"), "__code__", None)
+    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    if code is None:
+        return None, None, name
+    return code.co_filename, code.co_firstlineno, name
+
+
+def _pickling_error(what: str, exc: BaseException, fn: Any) -> RemoteError:
+    message = f"{what}: {type(exc).__name__}: {exc}"
+    file_path, line_number, function = _code_location(fn) if fn is not None else (None,) * 3
+    return RemoteError(
+        error_type="PicklingError",
+        message=message,
+        traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+        file_path=file_path,
+        line_number=line_number,
+        function=function,
+        locals={},
+        pid=os.getpid(),
+        thread=threading.current_thread().name,
+        exception=pickle.PicklingError(message),
+    )
+
+
+def _capture(exc: BaseException) -> RemoteError:
+    tb = exc.__traceback__
+    if tb is not None and tb.tb_next is not None:
+        exc = exc.with_traceback(tb.tb_next)  # drop the worker loop's own frame
+    failure = Failure.capture(exc, task="", item_id=None, run_id="", executor="process")
+    return RemoteError(
+        error_type=failure.error_type,
+        message=failure.message,
+        traceback=failure.traceback,
+        file_path=failure.file_path,
+        line_number=failure.line_number,
+        function=failure.function,
+        locals=failure.locals,
+        pid=failure.pid,
+        thread=failure.thread,
+        exception=failure.exception(),
+    )
+
+
+def _encode_err(stage: int, error: RemoteError) -> bytes:
+    return pickle.dumps((_ERR, stage, error), protocol=_PROTOCOL)
+
+
+def _encode_ok(value: Any, stage: int, fn: Any) -> bytes:
+    try:
+        return pickle.dumps((_OK, stage, value), protocol=_PROTOCOL)
+    except Exception:
+        pass
+    try:
+        data: bytes = cloudpickle.dumps((_OK, stage, value), protocol=_PROTOCOL)
+        return data
+    except Exception as exc:
+        error = _pickling_error(
+            f"the result of {_code_location(fn)[2]!r} ({type(value).__name__}) could not be "
+            "pickled to return it from the worker process; return plain data (or build the "
+            "object in the next step), or use executor='thread'",
+            exc,
+            fn,
+        )
+        return _encode_err(stage, error)
+
+
+def _adopt_stdio(fds: tuple[int | None, int | None]) -> None:
+    """Point this worker's fds 1 and 2 at the parent's stdout / stderr."""
+    received = [fd for fd in fds if fd is not None]
+    for fd, target in zip(fds, (1, 2), strict=True):
+        if fd is not None and fd != target:
+            with contextlib.suppress(OSError):
+                os.dup2(fd, target)
+    for fd in set(received):
+        if fd > 2:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _flush_stdio() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            with contextlib.suppress(Exception):
+                stream.flush()
+
+
+@dataclass(frozen=True, slots=True)
+class _LoadFailed:
+    """The code of a key could not be loaded (or an instance not built) in this worker."""
+
+    error: RemoteError
+    stage: int = -1
+
+
+class _Worker:
+    """The loop of one worker process: load code, run batches, send results in chunks."""
+
+    def __init__(self, inbox: Connection, outbox: Connection, progress: Any) -> None:
+        self.inbox = inbox
+        self.outbox = outbox
+        self.progress = progress
+        self.chains: dict[str, tuple[int, Any]] = {}
+        self.factories: dict[str, tuple[int, Any]] = {}
+        self.instances: dict[tuple[str, int], tuple[int, Any]] = {}
+
+    def serve(self) -> None:
+        self.outbox.send_bytes(pickle.dumps((_HELLO_BATCH, 0, [os.getpid()])))
+        while True:
+            try:
+                msg = pickle.loads(self.inbox.recv_bytes())
+            except (EOFError, OSError):
+                return  # the parent closed the pipe or died
+            kind = msg[0]
+            if kind == _STOP:
+                return
+            batch_id = msg[1]
+            self._mark(batch_id, 0)  # loading the code counts against the first item
+            if kind == _RUN:
+                _, _, key, version, code, items = msg
+                fns = self._load(self.chains, key, version, code)
+                if isinstance(fns, _LoadFailed):
+                    self._fail_all(batch_id, items, fns)
+                else:
+                    self._run(batch_id, fns, items)
+            else:
+                _, _, key, version, code, index, items = msg
+                target = self._instance(key, version, code, index)
+                if isinstance(target, _LoadFailed):
+                    self._fail_all(batch_id, items, target)
+                else:
+                    self._run(batch_id, [target], items)
+
+    def _mark(self, batch_id: int, position: int) -> None:
+        # start time first, batch id last: the parent trusts a record only when it
+        # reads the same three values before and after a full wait
+        self.progress[2] = time.monotonic()
+        self.progress[1] = float(position)
+        self.progress[0] = float(batch_id)
+
+    def _load(
+        self, cache: dict[str, tuple[int, Any]], key: str, version: int, code: bytes | None
+    ) -> Any:
+        """The unpickled chain / factory, or a :class:`_LoadFailed` saying why not."""
+        if code is not None:
+            try:
+                cache[key] = (version, pickle.loads(code))
+            except BaseException as exc:
+                cache[key] = (version, _LoadFailed(_capture(exc)))
+        cached = cache.get(key)
+        if cached is None or cached[0] != version:
+            return _LoadFailed(_describe(RuntimeError(f"{key!r} v{version} was never sent")))
+        return cached[1]
+
+    def _instance(self, key: str, version: int, code: bytes | None, index: int) -> Any:
+        factory = self._load(self.factories, key, version, code)
+        if isinstance(factory, _LoadFailed):
+            return factory
+        current = self.instances.get((key, index))
+        if current is not None and current[0] == version:
+            return current[1]
+        try:
+            instance = factory()
+        except BaseException as exc:
+            return _LoadFailed(_capture(exc), stage=0)
+        self.instances[(key, index)] = (version, instance)
+        return instance
+
+    def _fail_all(self, batch_id: int, items: list[bytes], failed: _LoadFailed) -> None:
+        data = _encode_err(failed.stage, failed.error)
+        self._send(batch_id, 0, [data] * len(items))
+
+    def _send(self, batch_id: int, start: int, results: list[bytes]) -> None:
+        _flush_stdio()  # output printed by these items reaches stdout before they return
+        self.outbox.send_bytes(pickle.dumps((batch_id, start, results), protocol=_PROTOCOL))
+
+    def _run(self, batch_id: int, fns: list[Any], items: list[bytes]) -> None:
+        results: list[bytes] = []
+        start = 0
+        pending = 0
+        last_flush = time.monotonic()
+        for position, payload in enumerate(items):
+            self._mark(batch_id, position)
+            data = self._run_one(fns, payload)
+            results.append(data)
+            pending += len(data)
+            now = time.monotonic()
+            if now - last_flush >= _FLUSH_INTERVAL_S or pending >= _FLUSH_BYTES:
+                self._send(batch_id, start, results)
+                start, results, pending, last_flush = position + 1, [], 0, now
+        if results:
+            self._send(batch_id, start, results)
+        else:
+            _flush_stdio()
+
+    @staticmethod
+    def _run_one(fns: list[Any], payload: bytes) -> bytes:
+        try:
+            value = pickle.loads(payload)
+        except BaseException as exc:
+            return _encode_err(-1, _capture(exc))
+        stage = 0
+        for stage, fn in enumerate(fns):
+            try:
+                value = fn(value)
+            except BaseException as exc:
+                return _encode_err(stage, _capture(exc))
+            if value is SKIP:
+                break
+        return _encode_ok(value, stage, fns[stage])
+
+
+def _describe(exc: BaseException) -> RemoteError:
+    """A record for an exception that has no traceback (built, not raised)."""
+    try:
+        raise exc
+    except BaseException as raised:
+        return _capture(raised)
+
+
+def _worker_main(
+    inbox: Connection,
+    outbox: Connection,
+    progress: Any,
+    stdio: tuple[int | None, int | None],
+) -> None:
+    """Entry point of a worker process (importable by name: spawn / forkserver)."""
+    # Ctrl-C reaches the whole process group: the parent decides how to stop workers
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _adopt_stdio(stdio)
+    try:
+        _Worker(inbox, outbox, progress).serve()
+    except (BrokenPipeError, EOFError, ConnectionError):
+        pass  # the parent went away
+    finally:
+        _flush_stdio()
+
+
+class _InheritedFd:
+    """Pickles as a descriptor duplicated into the child being started."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_detach_fd, (reduction.DupFd(self.fd),))
+
+
+def _detach_fd(dup: Any) -> int:
+    return int(dup.detach())
+
+
+def _stdio_handles() -> tuple[_InheritedFd | None, _InheritedFd | None]:
+    handles: list[_InheritedFd | None] = []
+    for fd in (1, 2):
+        try:
+            os.fstat(fd)
+            handles.append(_InheritedFd(fd))
+        except OSError:
+            handles.append(None)
+    return handles[0], handles[1]
+
+
+# --------------------------------------------------------------------------- parent side
+
+
+@dataclass(frozen=True, slots=True)
+class _Code:
+    version: int
+    payload: bytes
+    stages: int
+    n: int = 0  # number of instances (class registrations)
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    kind: int
+    key: str
+    code: _Code
+    index: int = -1
+
+    @property
+    def code_key(self) -> str:
+        return f"{self.kind}:{self.key}"
+
+
+@dataclass(slots=True)
+class _Exchange:
+    done: dict[int, Outcome]
+    fate: Literal["done", "died", "timeout", "undelivered"] = "done"
+    position: int = -1
+    description: str = ""
+    exitcode: int | None = None
+    pid: int | None = None
+
+
+class _Slot:
+    """One worker position; its process is replaced when it dies or is recycled.
+
+    Owned by the thread that holds it (``busy``), except for ``_proc_lock``-guarded
+    reads by ``stats`` and signals sent by ``shutdown(kill=True)``.
+    """
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.busy = False
+        self.process: BaseProcess | None = None
+        self.pid: int | None = None
+        self.to_worker: Connection | None = None
+        self.from_worker: Connection | None = None
+        self.ready = False
+        self.progress: Any = RawArray("d", 3)
+        self.loaded: dict[str, int] = {}
+        self.instances: set[tuple[str, int]] = set()
+        self.tasks_done = 0
+        self.starts = 0
+        self.psutil_process: Any = None
+
+
+def _describe_exit(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "disappeared (exit status unknown)"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        return f"was killed by {name}"
+    return f"exited with code {exitcode}"
+
+
+def _resolve_context(start_method: str | None) -> BaseContext:
+    methods = multiprocessing.get_all_start_methods()
+    if start_method is None:
+        start_method = "forkserver" if "forkserver" in methods else "spawn"
+    if start_method not in ("forkserver", "spawn"):
+        raise ValueError(
+            f"start_method must be 'forkserver' or 'spawn', not {start_method!r}: a plain "
+            "fork of a threaded process can deadlock"
+        )
+    if start_method not in methods:
+        raise ValueError(
+            f"start method {start_method!r} is not available on this platform; "
+            f"available: {', '.join(methods)}"
+        )
+    ctx = multiprocessing.get_context(start_method)
+    if start_method == "forkserver":
+        ctx.set_forkserver_preload(["actorflow"])
+    return ctx
+
+
+def _pickle_code(value: Any, fns: Sequence[Any], what: str) -> bytes:
+    try:
+        data: bytes = cloudpickle.dumps(value, protocol=_PROTOCOL)
+        return data
+    except Exception as exc:
+        culprit, reason = fns[0], exc
+        for fn in fns:
+            try:
+                cloudpickle.dumps(fn, protocol=_PROTOCOL)
+            except Exception as inner:
+                culprit, reason = fn, inner
+                break
+        name = getattr(culprit, "__qualname__", None) or safe_repr(culprit, 80)
+        raise GraphError(
+            f"task {name!r} ({what}) cannot run in a worker process: it could not be pickled "
+            f"with cloudpickle ({type(reason).__name__}: {reason}); create unpicklable "
+            "objects (locks, connections, open files) inside the function instead of "
+            "capturing them, or use executor='thread'"
+        ) from exc
+
+
+def _kill_leftovers(slots: list[_Slot], lock: threading.Lock) -> None:
+    """Finalizer: kill and reap any worker still running (pool dropped without shutdown)."""
+    for slot in slots:
+        with lock:
+            proc = slot.process
+            if proc is None:
+                continue
+            with contextlib.suppress(Exception):
+                proc.kill()
+        with contextlib.suppress(Exception):
+            proc.join(_STOP_GRACE_S)
+
+
+class ProcessPool:
+    """A pool of long-lived worker processes that runs chains of functions on batches.
+
+    Thread-safe: many host threads may call :meth:`call_batch` at once; each call
+    takes one free worker (or waits for one) for its whole duration. See the module
+    docstring for the protocol, death handling and isolation.
+
+    ``processes``: number of workers (default: the number of cores). ``start_method``:
+    ``"forkserver"`` (default where available, preloading actorflow) or ``"spawn"``.
+    ``max_tasks_per_worker`` / ``max_worker_rss_mb``: recycle a worker between calls
+    after that many items / above that resident size. ``on_event(name, data)``: see
+    the module docstring. ``kill_grace``: seconds between SIGTERM and SIGKILL when a
+    timed-out worker is killed; ``stop_grace``: seconds a worker gets to exit at
+    shutdown before it is killed.
+
+    Example::
+
+        with ProcessPool(2, name="demo") as pool:
+            pool.register("square", [lambda x: x * x])
+            outs = pool.call_batch("square", [1, 2, 3])
+            assert [o.value for o in outs] == [1, 4, 9]
+    """
+
+    def __init__(
+        self,
+        processes: int | None = None,
+        *,
+        name: str = "run",
+        start_method: str | None = None,
+        max_tasks_per_worker: int | None = None,
+        max_worker_rss_mb: float | None = None,
+        on_event: Callable[[str, dict[str, Any]], None] | None = None,
+        kill_grace: float = _KILL_GRACE_S,
+        stop_grace: float = _STOP_GRACE_S,
+    ) -> None:
+        if processes is None:
+            processes = os.cpu_count() or 1
+        if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
+            raise ValueError(f"processes must be a positive int, not {processes!r}")
+        if max_tasks_per_worker is not None and max_tasks_per_worker < 1:
+            raise ValueError(f"max_tasks_per_worker must be >= 1, not {max_tasks_per_worker!r}")
+        if max_worker_rss_mb is not None and max_worker_rss_mb <= 0:
+            raise ValueError(f"max_worker_rss_mb must be > 0, not {max_worker_rss_mb!r}")
+        self.name = name
+        self.processes = processes
+        self.max_tasks_per_worker = max_tasks_per_worker
+        self.max_worker_rss_mb = max_worker_rss_mb
+        self._ctx = _resolve_context(start_method)
+        self.start_method: str = self._ctx.get_start_method()
+        self._on_event = on_event
+        self._kill_grace = kill_grace
+        self._stop_grace = stop_grace
+        self._log = EventLog(pool=name)
+        self._slots = [_Slot(i) for i in range(processes)]
+        self._cond = threading.Condition()
+        self._proc_lock = threading.Lock()
+        self._shutdown_lock = threading.Lock()
+        self._closed = False  # no new calls
+        self._killed = False  # no new processes; calls in flight are cancelled
+        self._chains: dict[str, _Code] = {}
+        self._classes: dict[str, _Code] = {}
+        self._versions = itertools.count(1)
+        self._batch_ids = itertools.count(_HELLO_BATCH + 1)
+        self._finalizer = weakref.finalize(self, _kill_leftovers, self._slots, self._proc_lock)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return (
+            f"<ProcessPool {self.name!r} processes={self.processes} "
+            f"start_method={self.start_method!r} {state}>"
+        )
+
+    def __enter__(self) -> ProcessPool:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()
+
+    # ----------------------------------------------------------------- registration
+
+    def register(self, key: str, fns: Sequence[Callable[..., Any]]) -> None:
+        """Register a chain of functions under ``key``: item -> fns[0] -> fns[1] -> ...
+
+        The chain is pickled once here with cloudpickle (lambdas and closures work)
+        and shipped to each worker on its first use there. Registering a key again
+        replaces the chain. Raises :class:`actorflow.GraphError` naming the function
+        that cannot be pickled.
+
+        Example::
+
+            pool.register("parse_score", [parse, score])
+        """
+        fns = list(fns)
+        if not fns:
+            raise ValueError(f"chain {key!r} needs at least one function")
+        for fn in fns:
+            if not callable(fn):
+                raise TypeError(f"chain {key!r}: {safe_repr(fn, 80)} is not callable")
+        payload = _pickle_code(fns, fns, f"chain {key!r}")
+        with self._cond:
+            self._chains[key] = _Code(next(self._versions), payload, len(fns))
+
+    def register_instances(self, key: str, cls: type | Callable[[], Any] | bytes, n: int) -> None:
+        """Register ``n`` keyed stateful instances of ``cls`` under ``key``.
+
+        ``cls`` is a class (or any zero-argument factory), or its cloudpickled bytes.
+        Instance ``i`` is created with ``cls()`` in worker ``i % processes`` on first
+        use and keeps its state across :meth:`call_instance` calls, until its worker
+        dies, times out or is recycled (then ``on_event("instance_state_lost", ...)``
+        and it is recreated empty on next use).
+
+        Example::
+
+            pool.register_instances("rate", ErrorRate, n=4)
+            pool.call_instance("rate", stable_hash(ev["service"]) % 4, [ev])
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"instances of {key!r}: n must be a positive int, not {n!r}")
+        if isinstance(cls, bytes | bytearray):
+            payload = bytes(cls)
+        else:
+            if not callable(cls):
+                raise TypeError(f"instances of {key!r}: {safe_repr(cls, 80)} is not callable")
+            payload = _pickle_code(cls, [cls], f"instances {key!r}")
+        with self._cond:
+            self._classes[key] = _Code(next(self._versions), payload, 1, n)
+
+    # ----------------------------------------------------------------- calls
+
+    def start(self) -> None:
+        """Start every idle worker now and wait until each one is ready to serve.
+
+        Example::
+
+            pool = ProcessPool(4)
+            pool.start()      # first calls then pay no start-up latency
+        """
+        claimed: list[_Slot] = []
+        with self._cond:
+            self._check_open()
+            for slot in self._slots:
+                if not slot.busy:
+                    slot.busy = True
+                    claimed.append(slot)
+        try:
+            for slot in claimed:
+                self._ensure_started(slot)
+            for slot in claimed:
+                self._await_ready(slot)
+        finally:
+            for slot in claimed:
+                self._release(slot, recycle=False)
+
+    def call_batch(
+        self, key: str, items: Sequence[Any], *, timeout: float | None = None
+    ) -> list[Outcome]:
+        """Run the chain ``key`` on each item in one worker; one outcome per item, in order.
+
+        Blocks the calling thread (waiting for a free worker first). ``timeout`` is
+        per item, in seconds from when the item starts in the worker.
+
+        Example::
+
+            outs = pool.call_batch("parse_score", lines, timeout=10.0)
+            values = [o.value for o in outs if isinstance(o, Ok)]
+        """
+        with self._cond:
+            code = self._chains.get(key)
+        if code is None:
+            raise KeyError(f"no chain {key!r} is registered in process pool {self.name!r}")
+        return self._call(_Target(_RUN, key, code), None, items, timeout)
+
+    def call_instance(
+        self, key: str, index: int, items: Sequence[Any], *, timeout: float | None = None
+    ) -> list[Outcome]:
+        """Call instance ``index`` of ``key`` on each item, in order, in its worker.
+
+        Example::
+
+            pool.call_instance("rate", 2, [ev1, ev2])   # -> [Ok(...), Ok(...)]
+        """
+        with self._cond:
+            code = self._classes.get(key)
+        if code is None:
+            raise KeyError(f"no instances {key!r} are registered in process pool {self.name!r}")
+        if not 0 <= index < code.n:
+            raise IndexError(f"instances {key!r}: index {index} is outside 0..{code.n - 1}")
+        slot = index % self.processes
+        return self._call(_Target(_INSTANCE, key, code, index), slot, items, timeout)
+
+    def _call(
+        self, target: _Target, pinned: int | None, items: Sequence[Any], timeout: float | None
+    ) -> list[Outcome]:
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds or None, not {timeout!r}")
+        outcomes: list[Outcome | None] = [None] * len(items)
+        payloads = self._encode_items(items, outcomes)
+        if any(p is not None for p in payloads):
+            slot = self._acquire(pinned, target.code_key, target.code.version)
+            try:
+                self._drive(slot, target, payloads, outcomes, timeout)
+            except BaseException:
+                if slot.process is not None:  # state unknown (interrupted mid-batch)
+                    self._stop(slot, kill=True, reason="call interrupted")
+                raise
+            finally:
+                self._release(slot)
+        assert all(o is not None for o in outcomes)
+        return outcomes  # type: ignore[return-value]
+
+    @staticmethod
+    def _encode_items(items: Sequence[Any], outcomes: list[Outcome | None]) -> list[bytes | None]:
+        payloads: list[bytes | None] = []
+        for i, item in enumerate(items):
+            try:
+                payloads.append(pickle.dumps(item, protocol=_PROTOCOL))
+                continue
+            except Exception:
+                pass
+            try:
+                payloads.append(cloudpickle.dumps(item, protocol=_PROTOCOL))
+            except Exception as exc:
+                what = (
+                    f"the input ({type(item).__name__}) could not be pickled to send it to a "
+                    "worker process; pass plain data, or use executor='thread'"
+                )
+                outcomes[i] = Err(-1, _pickling_error(what, exc, None))
+                payloads.append(None)
+        return payloads
+
+    def _drive(
+        self,
+        slot: _Slot,
+        target: _Target,
+        payloads: list[bytes | None],
+        outcomes: list[Outcome | None],
+        timeout: float | None,
+    ) -> None:
+        groups: deque[list[int]] = deque([[i for i, p in enumerate(payloads) if p is not None]])
+        undelivered = 0
+        while groups:
+            group = groups.popleft()
+            self._ensure_started(slot)
+            batch_id = next(self._batch_ids)
+            message = self._request(slot, target, batch_id, [payloads[i] for i in group])
+            ex = self._exchange(slot, message, len(group), batch_id, timeout, target)
+            for position, outcome in ex.done.items():
+                outcomes[group[position]] = outcome
+            slot.tasks_done += len(ex.done)
+            if ex.fate == "done":
+                undelivered = 0
+                continue
+            if self._killed:
+                raise PoolClosed(f"process pool {self.name!r} was shut down (kill=True)")
+            left = [i for position, i in enumerate(group) if position not in ex.done]
+            if ex.fate == "undelivered":
+                undelivered += 1
+                if undelivered < _MAX_UNDELIVERED:
+                    groups.appendleft(left)
+                    continue
+                for i in left:
+                    outcomes[i] = Crashed(
+                        f"could not be started or died before reading its batch ({ex.description})",
+                        ex.exitcode,
+                        ex.pid,
+                    )
+            elif ex.fate == "timeout":
+                culprit = group[ex.position]
+                outcomes[culprit] = Timeout(float(timeout or 0.0), ex.pid)
+                rest = [i for i in left if i != culprit]
+                if rest:
+                    groups.appendleft(rest)
+            elif len(group) == 1:
+                if left:
+                    outcomes[left[0]] = Crashed(ex.description, ex.exitcode, ex.pid)
+            else:  # isolation: re-send each unreturned item alone, in order
+                groups.extendleft(reversed([[i] for i in left]))
+
+    def _request(
+        self, slot: _Slot, target: _Target, batch_id: int, payloads: list[bytes | None]
+    ) -> bytes:
+        code: bytes | None = None
+        if slot.loaded.get(target.code_key) != target.code.version:
+            code = target.code.payload
+            slot.loaded[target.code_key] = target.code.version
+        if target.kind == _RUN:
+            msg: tuple[Any, ...] = (_RUN, batch_id, target.key, target.code.version, code, payloads)
+        else:
+            slot.instances.add((target.key, target.index))
+            msg = (
+                _INSTANCE,
+                batch_id,
+                target.key,
+                target.code.version,
+                code,
+                target.index,
+                payloads,
+            )
+        return pickle.dumps(msg, protocol=_PROTOCOL)
+
+    def _exchange(
+        self,
+        slot: _Slot,
+        message: bytes,
+        n: int,
+        batch_id: int,
+        timeout: float | None,
+        target: _Target,
+    ) -> _Exchange:
+        assert slot.process is not None
+        assert slot.to_worker is not None
+        assert slot.from_worker is not None
+        conn, sentinel = slot.from_worker, slot.process.sentinel
+        done: dict[int, Outcome] = {}
+        try:
+            slot.to_worker.send_bytes(message)
+        except OSError:
+            ex = self._lost(slot, done, in_flight=n)
+            ex.fate = "undelivered"
+            return ex
+        last_stage = target.code.stages - 1
+        while len(done) < n:
+            record = None
+            wait_s = None
+            if timeout is not None:
+                record = self._running(slot, batch_id, n, done)
+                wait_s = timeout if record is None else max(0.0, record[2] + timeout - _now())
+            ready = wait([conn, sentinel], wait_s)
+            if conn in ready:
+                if not self._receive(slot, conn, batch_id, done, last_stage):
+                    return self._lost(slot, done, in_flight=n - len(done))
+                continue
+            if sentinel in ready:
+                while self._poll(conn) and self._receive(slot, conn, batch_id, done, last_stage):
+                    pass
+                if len(done) == n:
+                    break  # everything arrived: the death is noticed on next use
+                return self._lost(slot, done, in_flight=n - len(done))
+            if record is not None and timeout is not None:
+                again = self._running(slot, batch_id, n, done)
+                if again == record and _now() >= record[2] + timeout:
+                    return self._time_out(slot, done, int(record[1]), timeout)
+        return _Exchange(done)
+
+    @staticmethod
+    def _running(
+        slot: _Slot, batch_id: int, n: int, done: dict[int, Outcome]
+    ) -> tuple[float, float, float] | None:
+        p = slot.progress
+        record = (p[0], p[1], p[2])
+        position = int(record[1])
+        if int(record[0]) != batch_id or not 0 <= position < n or position in done:
+            return None  # not started yet, or between items
+        return record
+
+    @staticmethod
+    def _poll(conn: Connection) -> bool:
+        try:
+            return conn.poll()
+        except OSError:
+            return False
+
+    def _receive(
+        self,
+        slot: _Slot,
+        conn: Connection,
+        batch_id: int,
+        done: dict[int, Outcome],
+        last_stage: int,
+    ) -> bool:
+        try:
+            data = conn.recv_bytes()
+        except (EOFError, OSError):
+            return False
+        chunk_batch, start, results = pickle.loads(data)
+        if chunk_batch == _HELLO_BATCH:
+            slot.ready = True
+        elif chunk_batch == batch_id:
+            for offset, item in enumerate(results):
+                done[start + offset] = self._decode(item, last_stage)
+        return True
+
+    @staticmethod
+    def _decode(data: bytes, last_stage: int) -> Outcome:
+        try:
+            tag, stage, payload = pickle.loads(data)
+        except Exception as exc:
+            what = (
+                "the result could not be unpickled in the parent process; return plain "
+                "data whose classes the parent can import"
+            )
+            return Err(last_stage, _pickling_error(what, exc, None))
+        if tag == _OK:
+            return Ok(payload)
+        assert isinstance(payload, RemoteError)
+        return Err(int(stage), payload)
+
+    # ----------------------------------------------------------------- worker lifecycle
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise PoolClosed(f"process pool {self.name!r} is shut down; no more calls")
+
+    def _acquire(self, pinned: int | None, code_key: str, version: int) -> _Slot:
+        with self._cond:
+            while True:
+                self._check_open()
+                if pinned is not None:
+                    slot = self._slots[pinned]
+                    if not slot.busy:
+                        break
+                else:
+                    free = [s for s in self._slots if not s.busy]
+                    if free:
+                        # warm first (code already loaded), then started, then any
+                        slot = min(
+                            free,
+                            key=lambda s: (
+                                s.process is None,
+                                s.loaded.get(code_key) != version,
+                                s.index,
+                            ),
+                        )
+                        break
+                self._cond.wait()
+            slot.busy = True
+            return slot
+
+    def _release(self, slot: _Slot, *, recycle: bool = True) -> None:
+        try:
+            if recycle and not self._killed and slot.process is not None:
+                reason = self._recycle_reason(slot)
+                if reason is not None:
+                    self._stop(slot, kill=False, reason=reason)
+        finally:
+            with self._cond:
+                slot.busy = False
+                self._cond.notify_all()
+
+    def _recycle_reason(self, slot: _Slot) -> str | None:
+        limit = self.max_tasks_per_worker
+        if limit is not None and slot.tasks_done >= limit:
+            return f"ran {slot.tasks_done} items (max_tasks_per_worker={limit})"
+        if self.max_worker_rss_mb is not None:
+            rss = self._rss_mb(slot)
+            if rss is not None and rss > self.max_worker_rss_mb:
+                return f"RSS {rss:.1f} MB > max_worker_rss_mb={self.max_worker_rss_mb:g}"
+        return None
+
+    def _rss_mb(self, slot: _Slot) -> float | None:
+        proc = self._psutil(slot)
+        if proc is None:
+            return None
+        try:
+            return float(proc.memory_info().rss) / 2**20
+        except psutil.Error:
+            return None
+
+    @staticmethod
+    def _psutil(slot: _Slot) -> Any:
+        pid = slot.pid
+        if pid is None:
+            return None
+        proc = slot.psutil_process
+        if proc is None or proc.pid != pid:
+            try:
+                proc = psutil.Process(pid)
+            except psutil.Error:
+                return None
+            slot.psutil_process = proc
+        return proc
+
+    def _ensure_started(self, slot: _Slot) -> None:
+        if slot.process is not None:
+            with self._proc_lock:
+                alive = slot.process.is_alive()
+            if alive:
+                return
+            self._lost(slot, {}, in_flight=0)  # died while idle: reap, report, replace
+        inbox, to_worker = self._ctx.Pipe(duplex=False)
+        from_worker, outbox = self._ctx.Pipe(duplex=False)
+        process = self._ctx.Process(  # type: ignore[attr-defined]
+            target=_worker_main,
+            args=(inbox, outbox, slot.progress, _stdio_handles()),
+            name=f"actorflow-{self.name}-worker-{slot.index}",
+            daemon=False,  # a task may start its own processes; shutdown() reaps workers
+        )
+        try:
+            with self._proc_lock:
+                if self._killed:
+                    raise PoolClosed(f"process pool {self.name!r} was shut down (kill=True)")
+                process.start()
+                slot.process, slot.pid = process, process.pid
+        except BaseException:
+            to_worker.close()
+            from_worker.close()
+            raise
+        finally:
+            inbox.close()  # the worker holds its own ends: EOF reaches us when it dies
+            outbox.close()
+        slot.to_worker, slot.from_worker = to_worker, from_worker
+        slot.ready = False
+        slot.tasks_done = 0
+        slot.starts += 1
+        slot.psutil_process = None
+        self._emit("worker_started", worker=slot.index, pid=slot.pid)
+
+    def _await_ready(self, slot: _Slot) -> None:
+        if slot.ready or slot.process is None or slot.from_worker is None:
+            return
+        conn, sentinel = slot.from_worker, slot.process.sentinel
+        while not slot.ready:
+            ready = wait([conn, sentinel])
+            if conn in ready and self._receive(slot, conn, _HELLO_BATCH, {}, 0):
+                continue
+            ex = self._lost(slot, {}, in_flight=0)
+            raise WorkerCrashed(
+                f"worker {slot.index} of process pool {self.name!r} {ex.description} during "
+                "start-up; its stderr says why (is actorflow importable there?)"
+            )
+
+    def _lost(self, slot: _Slot, done: dict[int, Outcome], *, in_flight: int) -> _Exchange:
+        """The worker died: reap it, report it, clear the slot (restarted on next use)."""
+        pid = slot.pid
+        exitcode = self._reap(slot, wait_s=self._stop_grace)
+        description = _describe_exit(exitcode)
+        if not self._killed:
+            self._log.warning(
+                "worker_died", worker=slot.index, pid=pid, exitcode=exitcode, in_flight=in_flight
+            )
+            self._emit(
+                "worker_died",
+                worker=slot.index,
+                pid=pid,
+                exitcode=exitcode,
+                reason=description,
+                in_flight=in_flight,
+            )
+        self._forget(slot, pid, f"worker process {description}")
+        return _Exchange(done, "died", -1, description, exitcode, pid)
+
+    def _time_out(
+        self, slot: _Slot, done: dict[int, Outcome], position: int, timeout: float
+    ) -> _Exchange:
+        pid = slot.pid
+        self._log.warning("worker_timed_out", worker=slot.index, pid=pid, timeout=timeout)
+        self._emit("worker_timed_out", worker=slot.index, pid=pid, timeout=timeout)
+        exitcode = self._terminate(slot)
+        self._forget(slot, pid, f"worker process killed after an item ran over {timeout:g} s")
+        return _Exchange(done, "timeout", position, _describe_exit(exitcode), exitcode, pid)
+
+    def _stop(self, slot: _Slot, *, kill: bool, reason: str) -> None:
+        """Stop the slot's worker (gracefully unless ``kill``), reap it and clear the slot."""
+        if slot.process is None:
+            return
+        pid = slot.pid
+        if kill:
+            self._signal(slot, signal.SIGKILL)
+            self._reap(slot, wait_s=None)
+        else:
+            if slot.to_worker is not None:
+                with contextlib.suppress(OSError):
+                    slot.to_worker.send_bytes(pickle.dumps((_STOP,)))
+            if not wait([slot.process.sentinel], self._stop_grace):
+                self._terminate(slot)
+            self._reap(slot, wait_s=None)
+        if reason != "shutdown":
+            self._log.info("worker_recycled", worker=slot.index, pid=pid, reason=reason)
+            self._emit("worker_recycled", worker=slot.index, pid=pid, reason=reason)
+        self._forget(slot, pid, None if reason == "shutdown" else f"worker {reason}")
+
+    def _signal(self, slot: _Slot, signum: int) -> None:
+        with self._proc_lock:
+            proc = slot.process
+            if proc is not None and proc.exitcode is None:
+                with contextlib.suppress(Exception):
+                    if signum == signal.SIGKILL:
+                        proc.kill()
+                    else:
+                        proc.terminate()
+
+    def _terminate(self, slot: _Slot) -> int | None:
+        """SIGTERM, then SIGKILL after ``kill_grace``; reap. Returns the exit code."""
+        assert slot.process is not None
+        self._signal(slot, signal.SIGTERM)
+        if not wait([slot.process.sentinel], self._kill_grace):
+            self._signal(slot, signal.SIGKILL)
+        return self._reap(slot, wait_s=None)
+
+    def _reap(self, slot: _Slot, *, wait_s: float | None) -> int | None:
+        proc = slot.process
+        if proc is None:
+            return None
+        if not wait([proc.sentinel], wait_s):  # the pipe hit EOF but the process lingers
+            self._signal(slot, signal.SIGKILL)
+            wait([proc.sentinel])
+        with self._proc_lock:
+            proc.join()
+            exitcode = proc.exitcode
+            proc.close()
+            slot.process = None
+        return exitcode
+
+    def _forget(self, slot: _Slot, pid: int | None, lost_reason: str | None) -> None:
+        for conn in (slot.to_worker, slot.from_worker):
+            if conn is not None:
+                conn.close()
+        slot.to_worker = slot.from_worker = None
+        slot.pid = None
+        slot.ready = False
+        slot.loaded.clear()
+        lost, slot.instances = slot.instances, set()
+        if lost_reason is None or self._killed:
+            return
+        by_key: dict[str, list[int]] = {}
+        for key, index in lost:
+            by_key.setdefault(key, []).append(index)
+        for key, indices in sorted(by_key.items()):
+            self._log.warning("instance_state_lost", key=key, worker=slot.index, pid=pid)
+            self._emit(
+                "instance_state_lost",
+                key=key,
+                indices=sorted(indices),
+                worker=slot.index,
+                pid=pid,
+                reason=lost_reason,
+            )
+
+    def _emit(self, event: str, **data: Any) -> None:
+        if self._on_event is None:
+            return
+        data.setdefault("pool", self.name)
+        try:
+            self._on_event(event, data)
+        except Exception as exc:
+            self._log.error("on_event_failed", event_name=event, error=safe_repr(exc))
+
+    # ----------------------------------------------------------------- monitoring, shutdown
+
+    def stats(self) -> list[dict[str, Any]]:
+        """Return one dict per worker: ``worker, pid, alive, busy, tasks_done, restarts,
+        rss_mb, cpu_percent`` (cpu since the previous ``stats()`` call, psutil).
+
+        Example::
+
+            for w in pool.stats():
+                print(w["pid"], w["alive"], w["tasks_done"], w["rss_mb"])
+        """
+        out: list[dict[str, Any]] = []
+        for slot in self._slots:
+            with self._proc_lock:
+                proc = slot.process
+                alive = proc is not None and proc.is_alive()
+            rss_mb = cpu = 0.0
+            ps = self._psutil(slot) if alive else None
+            if ps is not None:
+                try:
+                    with ps.oneshot():
+                        rss_mb = float(ps.memory_info().rss) / 2**20
+                        cpu = float(ps.cpu_percent(interval=None))
+                except psutil.Error:
+                    alive = False
+            out.append(
+                {
+                    "worker": slot.index,
+                    "pid": slot.pid if alive else None,
+                    "alive": alive,
+                    "busy": slot.busy,
+                    "tasks_done": slot.tasks_done,
+                    "restarts": max(0, slot.starts - 1),
+                    "rss_mb": rss_mb,
+                    "cpu_percent": cpu,
+                }
+            )
+        return out
+
+    def shutdown(self, *, kill: bool = False) -> None:
+        """Stop every worker and join it; idempotent.
+
+        ``kill=False`` waits for calls in flight to finish, then asks each worker to
+        exit (SIGTERM / SIGKILL after ``stop_grace``). ``kill=True`` kills workers at
+        once; calls in flight raise :class:`PoolClosed`. Either way no worker process
+        remains when it returns; later calls raise :class:`PoolClosed`.
+
+        Example::
+
+            pool.shutdown()              # drain, then stop
+            pool.shutdown(kill=True)     # cancel what is running
+        """
+        with self._cond:
+            self._closed = True
+            if kill:
+                self._killed = True
+            self._cond.notify_all()
+        if kill:
+            for slot in self._slots:
+                self._signal(slot, signal.SIGKILL)
+        with self._cond:
+            while any(slot.busy for slot in self._slots):
+                self._cond.wait()
+        with self._shutdown_lock:
+            for slot in self._slots:
+                self._stop(slot, kill=kill, reason="shutdown")
+            self._finalizer()
+
+
+def _now() -> float:
+    return time.monotonic()

@@ -1,0 +1,219 @@
+"""Process tasks through the engine: real worker processes, real crashes and kills."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from typing import Any
+
+import psutil
+import pytest
+
+import actorflow as af
+
+
+@af.task(executor="process")
+def parse(line: str) -> dict[str, Any]:
+    return dict(json.loads(line))
+
+
+@af.task(executor="process")
+def keep_errors(ev: dict[str, Any]) -> Any:
+    return ev if ev["level"] == "ERROR" else af.SKIP
+
+
+@af.task
+def service(ev: dict[str, Any]) -> str:
+    return str(ev["service"])
+
+
+@af.flow
+def errors_by_service(line: str) -> Any:
+    return service(keep_errors(parse(line)))
+
+
+def _lines(n: int) -> list[str]:
+    return [
+        json.dumps({"level": "ERROR" if i % 4 == 0 else "INFO", "service": f"s{i % 3}"})
+        for i in range(n)
+    ]
+
+
+def _workers_alive(pids: list[int]) -> list[int]:
+    return [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+
+
+def test_process_tasks_fuse_into_one_chain_run_inside_the_workers() -> None:
+    from actorflow.runtime.plan import compile_plan, describe
+
+    assert "parse -> keep_errors (fused)" in describe(compile_plan(errors_by_service.graph))
+    with errors_by_service.start(processes=2) as running:
+        out = list(running.stream(_lines(400)))
+        workers = running.metrics()["parse"].workers
+    assert sorted(out) == sorted(f"s{i % 3}" for i in range(400) if i % 4 == 0)
+    pids = [w["pid"] for w in workers if w["pid"] is not None]
+    assert pids
+    assert os.getpid() not in pids
+    assert not _workers_alive(pids)  # every worker process is gone after the block
+
+
+def test_a_process_task_failure_has_a_forensic_record_from_the_worker() -> None:
+    with pytest.raises(af.RunFailed) as info:
+        errors_by_service.run("{not json", processes=1)
+    (failure,) = info.value.failures
+    assert failure.task == "parse"
+    assert failure.error_type == "JSONDecodeError"
+    assert failure.executor == "process"
+    assert failure.pid != os.getpid()
+    assert failure.traceback.startswith("Traceback")
+    assert failure.inputs == ("'{not json'",)
+
+
+@af.task(executor="process", retries=1)
+def exits_on_three(x: int) -> int:
+    if x == 3:
+        os._exit(3)
+    return x * 10
+
+
+@af.flow
+def crashing(x: int) -> Any:
+    return exits_on_three(x)
+
+
+def test_an_item_that_kills_its_worker_fails_alone_with_worker_crashed() -> None:
+    with crashing.start(processes=2) as running:
+        futures = [running.submit(i) for i in range(8)]
+        results: list[Any] = []
+        for fut in futures:
+            try:
+                results.append(fut.result(60))
+            except af.RunFailed as exc:
+                results.append(exc.failures[0])
+        metrics = running.metrics()["exits_on_three"]
+    crashed = results[3]
+    assert isinstance(crashed, af.Failure)
+    assert crashed.error_type == "WorkerCrashed"
+    assert crashed.attempt == 2  # charged an attempt, retried once, then failed
+    assert "exited with code 3" in crashed.message
+    assert [r for i, r in enumerate(results) if i != 3] == [0, 10, 20, 40, 50, 60, 70]
+    assert metrics.retried == 1
+
+
+def test_a_worker_killed_mid_batch_loses_no_item() -> None:
+    started = threading.Event()
+
+    @af.task
+    def count(x: int) -> int:
+        return x
+
+    with errors_by_service.start(processes=1, max_in_flight=64) as running:
+        # warm the worker up, then SIGKILL it while a stream is in flight
+        assert running.submit(_lines(1)[0]).result(60) == "s0"
+        pid = running.metrics()["parse"].workers[0]["pid"]
+
+        def kill_soon() -> None:
+            started.wait(10)
+            os.kill(pid, signal.SIGKILL)
+
+        killer = threading.Thread(target=kill_soon)
+        killer.start()
+        out = []
+        for i, svc in enumerate(running.stream(_lines(2000))):
+            out.append(svc)
+            if i == 10:
+                started.set()
+        killer.join()
+        workers = running.metrics()["parse"].workers
+    assert len(out) == 500  # every ERROR line, none lost, none doubled
+    assert workers[0]["pid"] != pid  # the slot's worker was replaced
+    assert count.name == "count"
+
+
+@af.task(executor="process", timeout=0.5)
+def maybe_hang(x: int) -> int:
+    if x == 1:
+        threading.Event().wait()  # never returns
+    return x
+
+
+@af.flow
+def hanging(x: int) -> Any:
+    return maybe_hang(x)
+
+
+def test_a_process_task_over_its_timeout_is_killed() -> None:
+    with hanging.start(processes=1) as running:
+        ok = running.submit(0)
+        stuck = running.submit(1)
+        after = running.submit(2)
+        assert ok.result(60) == 0
+        with pytest.raises(af.RunFailed) as info:
+            stuck.result(60)
+        assert after.result(60) == 2
+    assert info.value.failures[0].error_type == "TaskTimeout"
+
+
+@af.task(executor="process", key=lambda ev: ev["user"], workers=2)
+class Sessions:
+    """Counts events per user inside worker processes."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, int] = {}
+
+    def __call__(self, ev: dict[str, Any]) -> tuple[str, int, int]:
+        self.seen[ev["user"]] = self.seen.get(ev["user"], 0) + 1
+        return ev["user"], self.seen[ev["user"]], os.getpid()
+
+
+@af.flow
+def sessions(ev: dict[str, Any]) -> Any:
+    return Sessions(ev)
+
+
+def test_keyed_instances_live_in_worker_processes_and_keep_state_per_key() -> None:
+    events = [{"user": u} for u in ["ann", "bob", "cid", "dan"] * 25]
+    with sessions.start(processes=2) as running:
+        out = list(running.map(events))
+    per_user: dict[str, list[int]] = {}
+    pids: dict[str, set[int]] = {}
+    for user, n, pid in out:
+        per_user.setdefault(user, []).append(n)
+        pids.setdefault(user, set()).add(pid)
+    assert all(v == list(range(1, 26)) for v in per_user.values())
+    assert all(len(p) == 1 for p in pids.values())
+    assert os.getpid() not in {p for ps in pids.values() for p in ps}
+
+
+def test_a_killed_worker_loses_its_keyed_state_and_says_so() -> None:
+    with sessions.start(processes=1) as running:
+        first = running.submit({"user": "ann"}).result(60)
+        worker = psutil.Process(first[2])
+        os.kill(first[2], signal.SIGKILL)  # killed while idle
+        psutil.wait_procs([worker], timeout=30)
+        again = running.submit({"user": "ann"}).result(60)
+        lost = running.metrics()["Sessions"].state_lost
+    assert first[1] == 1
+    assert again[1] == 1  # a fresh instance: state starts over
+    assert again[2] != first[2]
+    assert lost >= 1
+
+
+def test_all_process_tasks_of_a_run_share_one_pool() -> None:
+    @af.task(executor="process")
+    def pid_a(x: int) -> int:
+        return os.getpid()
+
+    @af.task(executor="process")
+    def pid_b(x: int) -> int:
+        return os.getpid()
+
+    @af.flow
+    def f(x: int) -> Any:
+        return [pid_a(x), pid_b(x), pid_a(x), pid_b(x)]
+
+    with f.start(processes=2) as running:
+        pids = {p for out in running.map(range(20)) for p in out}
+    assert 1 <= len(pids) <= 2

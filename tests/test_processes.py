@@ -1,0 +1,640 @@
+"""The worker process pool, with real worker processes and real signals.
+
+Functions shipped to workers live at module level (pickled by reference, the
+worker imports this module) unless a test is about lambdas and closures.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+import actorflow as af
+from actorflow.runtime.processes import (
+    Crashed,
+    Err,
+    Ok,
+    PoolClosed,
+    ProcessPool,
+    Timeout,
+)
+from tests.conftest import wait_until
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _descendants() -> set[int]:
+    """Live descendant processes, except multiprocessing's interpreter-wide helpers.
+
+    The forkserver and the resource tracker are direct children; the workers that the
+    forkserver forks are its children (and carry its command line).
+    """
+    helpers = ("multiprocessing.forkserver", "multiprocessing.resource_tracker")
+    pids = set()
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.status() == psutil.STATUS_ZOMBIE:
+                continue
+            is_helper = child.ppid() == os.getpid() and any(
+                h in " ".join(child.cmdline()) for h in helpers
+            )
+        except psutil.Error:
+            continue
+        if not is_helper:
+            pids.add(child.pid)
+    return pids
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.fixture(autouse=True)
+def no_worker_leaks() -> Iterator[None]:
+    """Every test must leave no worker process behind."""
+    before = _descendants()
+    yield
+    leaked = _descendants() - before
+    assert not leaked, f"worker processes left running: {sorted(leaked)}"
+
+
+class Events:
+    """Collects ``on_event`` calls (from any thread)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.items: list[tuple[str, dict[str, Any]]] = []
+
+    def __call__(self, name: str, data: dict[str, Any]) -> None:
+        with self.lock:
+            self.items.append((name, data))
+
+    def named(self, name: str) -> list[dict[str, Any]]:
+        with self.lock:
+            return [data for event, data in self.items if event == name]
+
+
+@pytest.fixture
+def events() -> Events:
+    return Events()
+
+
+@pytest.fixture
+def pool(events: Events) -> Iterator[ProcessPool]:
+    p = ProcessPool(2, name="test", on_event=events)
+    yield p
+    p.shutdown(kill=True)
+
+
+@pytest.fixture
+def solo(events: Events) -> Iterator[ProcessPool]:
+    p = ProcessPool(1, name="solo", on_event=events, kill_grace=0.2)
+    yield p
+    p.shutdown(kill=True)
+
+
+def values(outcomes: list[Any]) -> list[Any]:
+    assert all(isinstance(o, Ok) for o in outcomes), outcomes
+    return [o.value for o in outcomes]
+
+
+# --------------------------------------------------------------------------- tasks
+
+SCALE = {"factor": 3}
+
+
+def inc(x: int) -> int:
+    return x + 1
+
+
+def double(x: int) -> int:
+    return 2 * x
+
+
+def drop_odd(x: int) -> Any:
+    return af.SKIP if x % 2 else x
+
+
+def scaled(x: int) -> int:
+    return x * SCALE["factor"]
+
+
+def divide(x: int) -> float:
+    ratio = 10
+    return ratio / x  # the line the failure must point at
+
+
+class TwoArgError(Exception):
+    def __init__(self, a: int, b: int) -> None:
+        super().__init__(f"{a}/{b}")
+
+
+def raise_two_arg(x: int) -> int:
+    raise TwoArgError(x, x + 1)
+
+
+def lock_for_one(x: int) -> Any:
+    return threading.Lock() if x == 1 else x
+
+
+def exit_on_three(x: int) -> int:
+    if x == 3:
+        os._exit(3)
+    return x
+
+
+def sleep_then_return(x: Any) -> Any:
+    if x == "hang":
+        time.sleep(3600)
+    return x
+
+
+def ignore_sigterm_and_hang(x: Any) -> Any:
+    if x == "hang":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        time.sleep(3600)
+    return x
+
+
+def logged_slow(arg: tuple[str, int]) -> int:
+    """Record each run (pid) in a file, then take longer than the flush interval."""
+    folder, i = arg
+    with open(Path(folder) / f"ran-{i}", "a") as f:
+        f.write(f"{os.getpid()}\n")
+    time.sleep(0.15)
+    return i
+
+
+def spin(n: int) -> int:
+    total = 0
+    for i in range(n):
+        total += i
+    return total
+
+
+def shout(n: int) -> int:
+    sys.stdout.write("x" * n + "\n")
+    sys.stderr.write("done shouting\n")
+    return n
+
+
+def pid_of(_: Any) -> int:
+    return os.getpid()
+
+
+class Counter:
+    """A keyed stateful task: counts the items it has seen."""
+
+    def __init__(self) -> None:
+        self.seen = 0
+
+    def __call__(self, item: Any) -> tuple[Any, int, int]:
+        self.seen += 1
+        return item, self.seen, os.getpid()
+
+
+# --------------------------------------------------------------------------- chains, errors
+
+
+def test_chain_runs_each_item_through_every_function_in_order(pool: ProcessPool) -> None:
+    pool.register("inc_double", [inc, double])
+    assert values(pool.call_batch("inc_double", [1, 2, 3])) == [4, 6, 8]
+    assert pool.call_batch("inc_double", []) == []
+
+
+def test_skip_stops_the_chain_for_that_item(pool: ProcessPool) -> None:
+    pool.register("evens", [drop_odd, double])
+    outs = values(pool.call_batch("evens", [1, 2, 3, 4]))
+    assert outs == [af.SKIP, 4, af.SKIP, 8]
+    assert outs[0] is af.SKIP
+
+
+def test_lambdas_and_closures_over_module_state_run_in_workers(pool: ProcessPool) -> None:
+    offset = 100
+    pool.register("lambda", [lambda x: x + offset, scaled])
+    assert values(pool.call_batch("lambda", [1, 2])) == [303, 306]
+
+
+def test_registering_a_key_again_replaces_its_chain(pool: ProcessPool) -> None:
+    pool.register("f", [inc])
+    assert values(pool.call_batch("f", [1])) == [2]
+    pool.register("f", [double])
+    assert values(pool.call_batch("f", [1])) == [2 * 1]
+
+
+def test_unknown_key_is_a_clear_error(pool: ProcessPool) -> None:
+    with pytest.raises(KeyError, match="no chain 'nope' is registered in process pool 'test'"):
+        pool.call_batch("nope", [1])
+
+
+def test_exception_is_described_in_the_worker_with_its_frame(pool: ProcessPool) -> None:
+    pool.register("divide", [inc, divide])
+    ok, err = pool.call_batch("divide", [1, -1])
+    assert ok == Ok(5.0)
+    assert isinstance(err, Err)
+    assert err.stage == 1
+    e = err.error
+    assert isinstance(e.exception, ZeroDivisionError)
+    assert (e.error_type, e.message) == ("ZeroDivisionError", "division by zero")
+    assert e.file_path == __file__
+    assert e.function == "divide"
+    assert e.line_number == divide.__code__.co_firstlineno + 2
+    assert e.locals == {"x": "0", "ratio": "10"}
+    assert "ZeroDivisionError" in e.traceback
+    assert "in divide" in e.traceback
+    assert e.pid != os.getpid()
+    assert e.pid in {w["pid"] for w in pool.stats()}
+
+
+def test_exception_that_cannot_be_rebuilt_still_arrives_described(pool: ProcessPool) -> None:
+    pool.register("two", [raise_two_arg])
+    (err,) = pool.call_batch("two", [1])
+    assert isinstance(err, Err)
+    assert err.error.exception is None
+    assert (err.error.error_type, err.error.message) == ("TwoArgError", "1/2")
+
+
+def test_unpicklable_function_is_refused_with_a_clear_error(pool: ProcessPool) -> None:
+    lock = threading.Lock()
+
+    def guarded(x: int) -> int:
+        with lock:
+            return x
+
+    with pytest.raises(af.GraphError, match=r"task '.*guarded' .*cannot run in a worker process"):
+        pool.register("guarded", [inc, guarded])
+    with pytest.raises(af.GraphError, match=r"_thread\.lock"):
+        pool.register_instances("guarded", lambda: lock, n=1)
+
+
+def test_unpicklable_result_fails_only_its_item(pool: ProcessPool) -> None:
+    pool.register("locks", [lock_for_one])
+    first, err, last = pool.call_batch("locks", [0, 1, 2])
+    assert (first, last) == (Ok(0), Ok(2))
+    assert isinstance(err, Err)
+    assert err.error.error_type == "PicklingError"
+    assert err.error.function == "lock_for_one"
+    assert "could not be pickled" in err.error.message
+    assert "lock" in err.error.message
+
+
+def test_unpicklable_input_fails_only_its_item(pool: ProcessPool) -> None:
+    pool.register("inc", [inc])
+    first, err, last = pool.call_batch("inc", [1, threading.Lock(), 3])
+    assert (first, last) == (Ok(2), Ok(4))
+    assert isinstance(err, Err)
+    assert err.stage == -1
+    assert err.error.error_type == "PicklingError"
+
+
+def test_outcomes_become_failures_for_the_engine(pool: ProcessPool) -> None:
+    pool.register("divide", [divide])
+    (err,) = pool.call_batch("divide", [0])
+    assert isinstance(err, Err)
+    failure = err.to_failure(task="divide", item_id=7, run_id="r1", attempt=2, inputs=(0,))
+    assert (failure.task, failure.item_id, failure.attempt) == ("divide", 7, 2)
+    assert (failure.executor, failure.error_type) == ("process", "ZeroDivisionError")
+    assert isinstance(failure.exception(), ZeroDivisionError)
+    assert pickle.loads(pickle.dumps(failure)).locals == {"x": "0", "ratio": "10"}
+    crashed = Crashed("was killed by SIGKILL", -9, 123).to_failure(task="t", item_id=1, run_id="")
+    assert crashed.error_type == "WorkerCrashed"
+    assert isinstance(crashed.exception(), af.WorkerCrashed)
+    assert "SIGKILL" in crashed.message
+    timed_out = Timeout(2.0, 123).to_failure(task="t", item_id=1, run_id="")
+    assert timed_out.error_type == "TaskTimeout"
+    assert "within 2 s" in timed_out.message
+
+
+# --------------------------------------------------------------------------- deaths and timeouts
+
+
+def test_item_that_kills_its_worker_alone_is_crashed_and_the_others_complete(
+    pool: ProcessPool, events: Events
+) -> None:
+    pool.register("exit3", [exit_on_three])
+    outs = pool.call_batch("exit3", list(range(6)))
+    assert [o.value for o in outs if isinstance(o, Ok)] == [0, 1, 2, 4, 5]
+    crashed = outs[3]
+    assert isinstance(crashed, Crashed)
+    assert crashed.exitcode == 3
+    assert crashed.description == "exited with code 3"
+    assert len(events.named("worker_died")) == 2  # the batch, then the culprit alone
+    assert values(pool.call_batch("exit3", [7])) == [7]  # the pool is healthy afterwards
+
+
+def test_worker_killed_mid_batch_keeps_returned_results_and_resends_the_rest(
+    solo: ProcessPool, events: Events, tmp_path: Path
+) -> None:
+    solo.register("logged", [logged_slow])
+    items = [(str(tmp_path), i) for i in range(8)]
+    result: list[Any] = []
+    caller = threading.Thread(target=lambda: result.extend(solo.call_batch("logged", items)))
+    caller.start()
+    wait_until(lambda: (tmp_path / "ran-3").exists())
+    victim = int((tmp_path / "ran-3").read_text().split()[0])
+    os.kill(victim, signal.SIGKILL)
+    caller.join(timeout=30)
+    assert values(result) == list(range(8))
+    runs = {i: (tmp_path / f"ran-{i}").read_text().split() for i in range(8)}
+    assert all(len(runs[i]) == 1 for i in (0, 1, 2, 4, 5, 6, 7)), runs  # kept / not re-run
+    assert len(runs[3]) == 2  # in flight when killed: re-sent alone, not charged
+    (died,) = events.named("worker_died")
+    assert died["pid"] == victim
+    assert died["reason"] == "was killed by SIGKILL"
+
+
+def test_worker_killed_while_idle_is_restarted_on_next_use(
+    solo: ProcessPool, events: Events
+) -> None:
+    solo.start()
+    (before,) = solo.stats()
+    os.kill(before["pid"], signal.SIGKILL)
+    wait_until(lambda: _gone(before["pid"]))
+    solo.register("pid", [pid_of])
+    (out,) = solo.call_batch("pid", [None])
+    assert isinstance(out, Ok)
+    assert out.value != before["pid"]
+    (after,) = solo.stats()
+    assert after["alive"]
+    assert after["pid"] == out.value
+    assert after["restarts"] == 1
+    assert events.named("worker_died")[0]["pid"] == before["pid"]
+
+
+def test_item_over_its_timeout_kills_and_restarts_the_worker(
+    solo: ProcessPool, events: Events
+) -> None:
+    solo.register("sleepy", [sleep_then_return])
+    solo.start()
+    (before,) = solo.stats()
+    t0 = time.monotonic()
+    outs = solo.call_batch("sleepy", [1, "hang", 2], timeout=0.5)
+    elapsed = time.monotonic() - t0
+    assert outs[0] == Ok(1)
+    assert outs[2] == Ok(2)
+    assert isinstance(outs[1], Timeout)
+    assert outs[1].seconds == 0.5
+    assert outs[1].pid == before["pid"]
+    assert 0.5 <= elapsed < 3.0
+    assert _gone(before["pid"])
+    assert events.named("worker_timed_out")[0]["pid"] == before["pid"]
+    (after,) = solo.stats()
+    assert after["alive"]
+    assert after["pid"] != before["pid"]
+
+
+def test_timeout_escalates_to_sigkill_when_the_worker_ignores_sigterm(solo: ProcessPool) -> None:
+    solo.register("stubborn", [ignore_sigterm_and_hang])
+    t0 = time.monotonic()
+    outs = solo.call_batch("stubborn", ["hang", 5], timeout=0.3)
+    assert isinstance(outs[0], Timeout)
+    assert outs[1] == Ok(5)
+    assert time.monotonic() - t0 < 5.0
+
+
+def test_items_within_their_timeout_are_not_killed(solo: ProcessPool) -> None:
+    solo.register("sleepy", [sleep_then_return])
+    # each item is far below the timeout, the batch as a whole far above it
+    assert values(solo.call_batch("sleepy", [0.02] * 10, timeout=0.2)) == [0.02] * 10
+
+
+# --------------------------------------------------------------------------- keyed instances
+
+
+def test_keyed_instances_keep_state_and_lose_it_when_their_worker_dies(
+    pool: ProcessPool, events: Events
+) -> None:
+    pool.register_instances("count", Counter, n=3)  # 0 and 2 on worker 0, 1 on worker 1
+    a, b = pool.call_instance("count", 0, ["a", "b"])
+    assert (a.value[:2], b.value[:2]) == (("a", 1), ("b", 2))  # type: ignore[union-attr]
+    assert values(pool.call_instance("count", 2, ["c"]))[0][:2] == ("c", 1)
+    assert values(pool.call_instance("count", 1, ["x"]))[0][:2] == ("x", 1)
+    (d,) = values(pool.call_instance("count", 0, ["d"]))
+    assert d[:2] == ("d", 3)
+    victim = d[2]
+    assert victim == pool.stats()[0]["pid"]
+
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: _gone(victim))
+    (e,) = values(pool.call_instance("count", 0, ["e"]))
+    assert e[:2] == ("e", 1)  # recreated with empty state
+    assert e[2] != victim
+    (lost,) = events.named("instance_state_lost")
+    assert (lost["key"], lost["indices"], lost["pid"]) == ("count", [0, 2], victim)
+    assert values(pool.call_instance("count", 1, ["y"]))[0][:2] == ("y", 2)  # worker 1 kept it
+    with pytest.raises(IndexError):
+        pool.call_instance("count", 3, ["z"])
+
+
+# --------------------------------------------------------------------------- throughput, output
+
+
+def timed_spin(n: int) -> tuple[int, float, float]:
+    t0 = time.monotonic()  # CLOCK_MONOTONIC is system-wide: comparable across processes
+    spin(n)
+    return os.getpid(), t0, time.monotonic()
+
+
+def _speedup(pool: ProcessPool, n: int) -> tuple[float, float, list[tuple[int, float, float]]]:
+    t0 = time.perf_counter()
+    for _ in range(8):
+        pool.call_batch("spin", [n])
+    sequential = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(8) as ex:
+        outs = list(ex.map(lambda _: pool.call_batch("spin", [n]), range(8)))
+    parallel = time.perf_counter() - t0
+    return sequential, parallel, [values(o)[0] for o in outs]
+
+
+@pytest.mark.slow
+def test_cpu_bound_calls_run_in_parallel_on_two_workers(pool: ProcessPool) -> None:
+    pool.register("spin", [timed_spin])
+    t0 = time.perf_counter()
+    spin(200_000)
+    n = max(10_000, int(200_000 * 0.12 / (time.perf_counter() - t0)))  # ~0.12 s per call
+    pool.start()
+    with ThreadPoolExecutor(2) as ex:  # load the chain in both workers
+        list(ex.map(lambda _: pool.call_batch("spin", [1]), range(4)))
+
+    best = 0.0
+    for _ in range(3):  # wall-clock ratios are at the mercy of other load on the machine
+        sequential, parallel, runs = _speedup(pool, n)
+        assert len({pid for pid, _, _ in runs}) == 2
+        # the calls really ran at the same time on both workers
+        first = [(start, end) for pid, start, end in runs if pid == runs[0][0]]
+        other = [(start, end) for pid, start, end in runs if pid != runs[0][0]]
+        assert any(s1 < e2 and s2 < e1 for s1, e1 in first for s2, e2 in other)
+        speedup = sequential / parallel
+        print(f"8 calls: sequential {sequential:.2f} s, 2 workers {parallel:.2f} s, x{speedup:.2f}")
+        best = max(best, speedup)
+        if best > 1.5:
+            return
+    load = os.getloadavg()[0]
+    if load > (os.cpu_count() or 1):
+        pytest.skip(f"best speedup x{best:.2f}, but the machine is loaded (load average {load})")
+    assert best > 1.5
+
+
+def test_many_threads_share_the_pool(pool: ProcessPool) -> None:
+    pool.register("inc", [inc])
+    pool.register_instances("count", Counter, n=2)
+
+    def work(t: int) -> list[Any]:
+        got = []
+        for i in range(10):
+            got.append(values(pool.call_batch("inc", list(range(t, t + i)))))
+            pool.call_instance("count", t % 2, [t])
+        return got
+
+    with ThreadPoolExecutor(16) as ex:
+        results = list(ex.map(work, range(16)))
+    for t, got in enumerate(results):
+        assert got == [[x + 1 for x in range(t, t + i)] for i in range(10)]
+    seen = [values(pool.call_instance("count", i, [None]))[0][1] for i in range(2)]
+    assert seen == [81, 81]  # every instance call reached its one instance, none lost
+
+
+def test_large_batches_travel_quickly(pool: ProcessPool) -> None:
+    pool.register("inc", [inc])
+    pool.start()
+    t0 = time.perf_counter()
+    outs = pool.call_batch("inc", list(range(20_000)))
+    elapsed = time.perf_counter() - t0
+    assert values(outs) == list(range(1, 20_001))
+    assert elapsed < 2.0
+
+
+def test_task_printing_megabytes_completes_and_reaches_stdout(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    with ProcessPool(1, name="loud") as loud:  # started inside the test: captured stdout
+        loud.register("shout", [shout])
+        assert values(loud.call_batch("shout", [5_000_000, 10])) == [5_000_000, 10]
+    out, err = capfd.readouterr()
+    assert len(out) >= 5_000_000
+    assert err.count("done shouting") == 2
+
+
+# --------------------------------------------------------------------------- lifecycle
+
+
+def test_shutdown_joins_every_worker_and_is_idempotent(events: Events) -> None:
+    p = ProcessPool(2, name="lifecycle", on_event=events)
+    p.register("pid", [pid_of])
+    p.start()
+    pids = {w["pid"] for w in p.stats()}
+    assert len(pids) == 2
+    assert pids <= _descendants()
+    p.shutdown()
+    assert not pids & _descendants()
+    assert all(_gone(pid) for pid in pids)
+    assert not _descendants()
+    p.shutdown()
+    p.shutdown(kill=True)
+    with pytest.raises(PoolClosed, match="'lifecycle' is shut down"):
+        p.call_batch("pid", [1])
+    assert [w["alive"] for w in p.stats()] == [False, False]
+
+
+def test_graceful_shutdown_waits_for_calls_in_flight(solo: ProcessPool, tmp_path: Path) -> None:
+    solo.register("logged", [logged_slow])
+    result: list[Any] = []
+    caller = threading.Thread(
+        target=lambda: result.extend(solo.call_batch("logged", [(str(tmp_path), 0)]))
+    )
+    caller.start()
+    wait_until(lambda: (tmp_path / "ran-0").exists())
+    solo.shutdown()
+    caller.join()
+    assert values(result) == [0]
+
+
+def test_shutdown_with_kill_cancels_calls_in_flight(solo: ProcessPool) -> None:
+    solo.register("sleepy", [sleep_then_return])
+    solo.start()
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            solo.call_batch("sleepy", ["hang"])
+        except PoolClosed as exc:
+            errors.append(exc)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    wait_until(lambda: solo.stats()[0]["busy"])
+    t0 = time.monotonic()
+    solo.shutdown(kill=True)
+    caller.join()
+    assert time.monotonic() - t0 < 3.0
+    assert len(errors) == 1
+
+
+def test_worker_is_recycled_after_max_tasks(events: Events) -> None:
+    with ProcessPool(1, name="recycle", max_tasks_per_worker=3, on_event=events) as p:
+        p.register("pid", [pid_of])
+        first = values(p.call_batch("pid", [1, 2]))
+        second = values(p.call_batch("pid", [3, 4]))  # reaches 4 >= 3: replaced afterwards
+        third = values(p.call_batch("pid", [5]))
+    assert len(set(first + second)) == 1
+    assert third[0] != first[0]
+    (recycled,) = events.named("worker_recycled")
+    assert "max_tasks_per_worker=3" in recycled["reason"]
+
+
+def test_worker_is_recycled_above_max_rss(events: Events) -> None:
+    with ProcessPool(1, name="rss", max_worker_rss_mb=1.0, on_event=events) as p:
+        p.register("pid", [pid_of])
+        pids = [values(p.call_batch("pid", [i]))[0] for i in range(2)]
+    assert pids[0] != pids[1]
+    assert "max_worker_rss_mb=1" in events.named("worker_recycled")[0]["reason"]
+
+
+def test_stats_report_each_worker(pool: ProcessPool) -> None:
+    assert [w["alive"] for w in pool.stats()] == [False, False]  # started lazily
+    pool.register("spin", [spin])
+    pool.start()
+    pool.call_batch("spin", [100_000, 1, 2])
+    stats = pool.stats()
+    assert [w["worker"] for w in stats] == [0, 1]
+    assert all(w["alive"] and w["rss_mb"] > 1 for w in stats)
+    assert sorted(w["tasks_done"] for w in stats) == [0, 3]
+    assert all(isinstance(w["cpu_percent"], float) for w in stats)
+
+
+def test_a_failing_event_handler_does_not_break_the_pool() -> None:
+    def handler(name: str, data: dict[str, Any]) -> None:
+        raise RuntimeError("handler bug")
+
+    with ProcessPool(1, name="handler", on_event=handler) as p:
+        p.register("exit3", [exit_on_three])
+        outs = p.call_batch("exit3", [3, 4])
+    assert isinstance(outs[0], Crashed)
+    assert outs[1] == Ok(4)
+
+
+def test_spawn_start_method_works() -> None:
+    with ProcessPool(1, name="spawned", start_method="spawn") as p:
+        assert p.start_method == "spawn"
+        p.register("lambda", [lambda x: x * 2])
+        assert values(p.call_batch("lambda", [21])) == [42]
+
+
+def test_plain_fork_is_refused() -> None:
+    with pytest.raises(ValueError, match="'forkserver' or 'spawn'"):
+        ProcessPool(1, start_method="fork")
