@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from typing import TYPE_CHECKING, Any, Generic, NoReturn, ParamSpec, TypeVar, overload
 
 from actorflow import _trace
@@ -283,7 +283,28 @@ class _Tracer:
             raise GraphError(
                 f"task {name!r} received the flow {value.name!r} itself; call it or pass a value"
             )
+        _refuse_hidden_nodes(value, f"task {name!r}")
         return value
+
+
+def _refuse_hidden_nodes(value: Any, who: str, depth: int = 0) -> None:
+    """A Node inside a container that is not gathered (a set, OrderedDict, namedtuple...)."""
+    if depth > 3 or isinstance(value, str | bytes | bytearray | range):
+        return
+    if isinstance(value, Mapping):
+        items: Iterable[Any] = [*value.keys(), *value.values()]
+    elif isinstance(value, Set | Sequence):
+        items = value
+    else:
+        return
+    for item in items:
+        if isinstance(item, Node):
+            raise GraphError(
+                f"{who} received a Node inside a {type(value).__name__}: only plain lists, "
+                "tuples and dicts of Nodes are gathered; pass a list / tuple / dict, or build "
+                f"the {type(value).__name__} inside a task"
+            )
+        _refuse_hidden_nodes(item, who, depth + 1)
 
 
 def _has_ref(template: Any) -> bool:
@@ -310,6 +331,7 @@ def _output_template(value: Any, tracer: _Tracer, flow_name: str) -> Any:
         if any(_has_out(v) for _, v in pairs):
             return Gather("dict", pairs)
         return value
+    _refuse_hidden_nodes(value, f"flow {flow_name!r}'s output")
     return value
 
 

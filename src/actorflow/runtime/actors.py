@@ -53,10 +53,10 @@ class ActorflowHost(pykka.ThreadingActor):
         self.pool = pool
 
     def on_start(self) -> None:
-        self.pool._register_thread(threading.current_thread())
+        self.pool._register_thread(threading.current_thread(), self.actor_ref)
 
     def on_stop(self) -> None:
-        self.pool._unregister_clock(threading.get_ident())
+        self.pool._unregister_clock(self.actor_ref)
 
     def on_receive(self, message: Any) -> None:
         try:
@@ -99,7 +99,8 @@ class HostPool:
         self.started_hosts = 0
         self.taken = 0  # jobs taken from the ready queue: progress, for the watcher
         self.threads: list[threading.Thread] = []
-        self.clocks: dict[int, int] = {}  # host thread ident -> its CPU-time clock id
+        self.clocks: dict[Any, int] = {}  # host actor ref -> its thread's CPU-time clock id
+        self._retired: list[threading.Thread] = []  # retired hosts' threads, joined at shutdown
         self.closed = False
         self._use_watcher_thread = watcher_thread
         self._watcher: threading.Thread | None = None
@@ -163,6 +164,14 @@ class HostPool:
                 if len(self.idle) >= self.keep_idle and not self.closed:
                     self.n_hosts -= 1  # retire: enough idle hosts already
                     retire = True
+                    # forget it (the lists stay bounded); its thread is joined at shutdown
+                    current = threading.current_thread()
+                    if ref in self._refs:
+                        self._refs.remove(ref)
+                    if current in self.threads:
+                        self.threads.remove(current)
+                    self._retired = [t for t in self._retired if t.is_alive()]
+                    self._retired.append(current)
                 else:
                     self.idle.append(ref)
                     retire = False
@@ -171,32 +180,48 @@ class HostPool:
             return
 
     # -- watching --------------------------------------------------------------
-    def _cpu_ns(self) -> int:
-        """CPU time consumed so far by the pool's live host threads, in ns."""
-        total = 0
-        for clock in list(self.clocks.values()):
+    def _busy_cpu(self) -> dict[Any, int]:
+        """CPU time (ns) consumed so far by each host that is not idle."""
+        idle = set(self.idle)
+        out: dict[Any, int] = {}
+        for ref, clock in list(self.clocks.items()):
+            if ref in idle:
+                continue
             try:
-                total += time.clock_gettime_ns(clock)
+                out[ref] = time.clock_gettime_ns(clock)
             except OSError:  # the thread has exited
                 pass
-        return total
+        return out
 
-    def _watch_step(self, mark: tuple[int, int]) -> tuple[int, int]:
+    def _mark(self) -> tuple[int, float, dict[Any, int]]:
+        return self.taken, time.monotonic(), self._busy_cpu()
+
+    def _watch_step(
+        self, mark: tuple[int, float, dict[Any, int]]
+    ) -> tuple[int, float, dict[Any, int]]:
         """Under the lock: start hosts if the backlog stalled; return the new progress mark.
 
-        Stalled means: jobs are waiting, no host took one during the last
-        window, and the hosts together used under a quarter of the window's
-        CPU time, so they are blocked (sleep, IO, a lock), not busy computing
-        (more threads would not help a busy host under the GIL).
+        Stalled means: jobs are waiting, no host took one for ``stall_s``, and
+        some busy host used under a quarter of that time on the CPU, so it is
+        blocked (sleep, IO, a lock), not computing. A host that computes keeps
+        its thread (more threads would not help it under the GIL); one host
+        per blocked host is added, or one per waiting job when every busy
+        host is blocked.
         """
-        taken, cpu = self.taken, self._cpu_ns()
-        if (
-            self.ready
-            and taken == mark[0]
-            and cpu - mark[1] < self.stall_s * 0.25e9
-            and not self.closed
-        ):
-            n = min(len(self.ready), self.max_hosts - self.n_hosts)
+        taken, now = self.taken, time.monotonic()
+        if not self.ready or self.closed or taken != mark[0]:
+            return self._mark()
+        window = now - mark[1]
+        if window < self.stall_s:
+            return mark  # keep measuring from the older mark
+        cpu = self._busy_cpu()
+        before = mark[2]
+        blocked = [r for r, ns in cpu.items() if r in before and ns - before[r] < window * 0.25e9]
+        measured = [r for r in cpu if r in before]
+        if blocked or not measured:
+            every = len(blocked) == len(measured)
+            want = len(self.ready) if every else len(blocked)
+            n = min(want, self.max_hosts - self.n_hosts)
             if n > 0:
                 self.n_hosts += n
                 self._starting += n
@@ -206,8 +231,7 @@ class HostPool:
                         self._spawn_one()
                 finally:
                     self.lock.acquire()
-            return self.taken, self._cpu_ns()
-        return taken, cpu
+        return self._mark()
 
     def wait(self, predicate: Callable[[], bool]) -> None:
         """Block until ``predicate()`` is true, watching the pool meanwhile.
@@ -216,7 +240,7 @@ class HostPool:
         idle, a job was queued) or ``notify()`` is called.
         """
         with self.lock:
-            mark = (self.taken, self._cpu_ns())
+            mark = self._mark()
             while not predicate():
                 self._sleep_or_poll()
                 mark = self._watch_step(mark)
@@ -235,7 +259,7 @@ class HostPool:
 
     def _watch_loop(self) -> None:
         with self.lock:
-            mark = (self.taken, self._cpu_ns())
+            mark = self._mark()
             while not self.closed:
                 self._sleep_or_poll()
                 mark = self._watch_step(mark)
@@ -291,18 +315,18 @@ class HostPool:
                 self.lock.acquire()
 
     # -- failures and shutdown ---------------------------------------------------
-    def _register_thread(self, thread: threading.Thread) -> None:
+    def _register_thread(self, thread: threading.Thread, ref: Any) -> None:
         # called by the host thread itself: its clock id stays valid (or fails
         # cleanly with OSError) even after the thread exits
         clock = time.pthread_getcpuclockid(threading.get_ident())
         with self.lock:
             self.threads.append(thread)
-            self.clocks[threading.get_ident()] = clock
+            self.clocks[ref] = clock
             self.cond.notify_all()  # shutdown waits until every started host is here
 
-    def _unregister_clock(self, ident: int) -> None:
+    def _unregister_clock(self, ref: Any) -> None:
         with self.lock:
-            self.clocks.pop(ident, None)
+            self.clocks.pop(ref, None)
 
     def _report_fatal(self, exc: BaseException) -> None:
         try:
@@ -336,7 +360,7 @@ class HostPool:
         if watcher is not None:
             watcher.join()
         current = threading.current_thread()
-        for thread in list(self.threads):
+        for thread in [*self.threads, *self._retired]:
             if thread is not current:
                 thread.join()
 

@@ -289,6 +289,7 @@ class Segment:
         "crash_next",
         "crash_target",
         "ctx",
+        "emitting",
         "fast",
         "first_arg",
         "fns",
@@ -345,6 +346,7 @@ class Segment:
         self.next_ticket = 0
         self.next_emit = 0
         self.held: dict[int, tuple[Any, list[Any], bool]] = {}
+        self.emitting = False  # a thread is emitting held batches in ticket order
         self.consumers: list[tuple[Segment | Any, int, Edge]] = []
         self.stats = [NodeStats() for _ in plan.nodes]
         self.fns: list[Any] = []
@@ -569,13 +571,7 @@ class Segment:
                     with self.lock:
                         self.throttle += throttled
             else:
-                with self.lock:  # re-order: emit batches in the order they were queued
-                    self.held[ticket] = (out_ids, out, out_special)
-                    while self.next_emit in self.held:
-                        e_ids, e_vals, e_special = self.held.pop(self.next_emit)
-                        self.next_emit += 1
-                        if e_vals:
-                            self.throttle += self.emit(e_ids, e_vals, e_special)
+                self._emit_in_order(ticket, (out_ids, out, out_special))
         if requeue:  # keep our runner slot, but go to the back of the ready queue
             self.schedule(self)
 
@@ -728,14 +724,7 @@ class Segment:
         if exc is not None:
             self.ctx.on_internal_error(exc)
             return
-        out_ids, out, out_special = fut.result()
-        with self.lock:
-            self.held[ticket] = (out_ids, out, out_special)
-            while self.next_emit in self.held:
-                e_ids, e_vals, e_special = self.held.pop(self.next_emit)
-                self.next_emit += 1
-                if e_vals:
-                    self.throttle += self.emit(e_ids, e_vals, e_special)
+        self._emit_in_order(ticket, fut.result())
 
     async def _abatch(
         self, ids: Any, vals: list[Any], special: bool
@@ -832,6 +821,34 @@ class Segment:
         for _ in range(runners):
             self.schedule(self)
 
+    def _emit_in_order(self, ticket: int, batch: tuple[Any, list[Any], bool]) -> None:
+        """Emit batches in ticket order, from one thread at a time, never under the lock.
+
+        Emitting under the segment's lock would deadlock a consumer that calls
+        back into this segment (a future's done-callback that submits an item).
+        """
+        with self.lock:
+            self.held[ticket] = batch
+            if self.emitting:
+                return  # the thread emitting now will emit this batch in its turn
+            self.emitting = True
+        while True:
+            with self.lock:
+                ready = []
+                while self.next_emit in self.held:
+                    ready.append(self.held.pop(self.next_emit))
+                    self.next_emit += 1
+                if not ready:
+                    self.emitting = False
+                    return
+            throttled = 0
+            for e_ids, e_vals, e_special in ready:
+                if e_vals:
+                    throttled += self.emit(e_ids, e_vals, e_special)
+            if throttled:
+                with self.lock:
+                    self.throttle += throttled
+
     def unthrottle(self) -> None:
         """A consumer drained below half its capacity: resume if nothing else holds us."""
         with self.lock:
@@ -912,12 +929,14 @@ class Segment:
                 out.append(careful(ids[i], outcome, k + 1, timed=False))
             start = i + 1
         entering = n - 1
+        skipped_so_far = 0  # a skip marker passes every later node of the chain: skipped there
         for k, node_stats in enumerate(self.stats):
             if nodes[k].kind == "exceptionally":
                 continue  # a handler is skipped when there is no error: nothing ran
             leaving = entering - skips[k] - stopped[k]
+            skipped_so_far += skips[k]
             node_stats.done += leaving
-            node_stats.skipped += skips[k]
+            node_stats.skipped += skipped_so_far
             entering = leaving
         if not any_special and any(skips):
             any_special = True
@@ -1037,14 +1056,14 @@ class Segment:
                 v = self._call_map(node, stats, item, v, ports, skipped)
                 if v is SKIP:
                     stats.skipped += 1
-                    return SKIP
                 continue
             try:
                 t0 = time.perf_counter() if timed else 0.0
                 r = self._call(k, node, v, ports, skipped, item, a, pin)
                 if r is _NOT_RUN:
                     stats.skipped += 1
-                    return SKIP
+                    v = SKIP
+                    continue
                 if timed:
                     elapsed = time.perf_counter() - t0
                     stats.sample(elapsed)
@@ -1063,7 +1082,8 @@ class Segment:
                 continue
             if r is SKIP:
                 stats.skipped += 1
-                return SKIP
+                v = SKIP  # the next node of the chain decides (after= / gather / direct)
+                continue
             stats.done += 1
             v = r
         return v
@@ -1129,10 +1149,14 @@ class Segment:
     def _call_map(
         self, node: NodePlan, stats: NodeStats, item: Any, v: Any, ports: Any, skipped: bool
     ) -> Any:
-        if skipped and _build_args(node, ports) is None:
-            return SKIP
         try:
-            items = list(node.call(None, v))
+            if skipped:
+                args = _build_args(node, ports)
+                if args is None:
+                    return SKIP
+                items = list(args[0][0])  # the gathered list without its skipped elements
+            else:
+                items = list(node.call(None, v))
         except Exception as exc:
             stats.failed += 1
             failure = Failure.capture(exc, task=node.name, item_id=item, run_id=self.ctx.run_id)
@@ -1141,14 +1165,26 @@ class Segment:
         b = node.spec.binding
         t = node.spec.task
         call: Callable[[Any], Any] = t
+        parallelism = b.max_parallelism
+        if t.is_class:  # the node's own instances, one call at a time each
+            parallelism = min(parallelism, t.workers)
+
+            def call(x: Any) -> Any:
+                inst = self._take_instance()
+                try:
+                    return inst(x)
+                finally:
+                    self._give_instance(inst)
+
         if t.timeout is not None:
+            plain = call
             timeout, ctx = t.timeout, self.ctx
 
             def call(x: Any) -> Any:
-                return ctx.call_with_timeout(lambda: t(x), timeout, node.name, item, 1)
+                return ctx.call_with_timeout(lambda: plain(x), timeout, node.name, item, 1)
 
         t0 = time.perf_counter()
-        results = self.ctx.map_parallel(call, items, b.max_parallelism, t)
+        results = self.ctx.map_parallel(call, items, parallelism, t)
         stats.sample(time.perf_counter() - t0)
         failures: list[Failure] = []
         out: list[Any] = []
@@ -1185,8 +1221,9 @@ class Segment:
 
     def pending_items(self) -> int:
         """Items queued, waiting in the join or on a retry timer (``metrics().queued``)."""
-        extra = self.joiner.pending() if self.joiner is not None else 0
-        return self.queued + extra + self.retrying
+        with self.lock:
+            extra = self.joiner.pending() if self.joiner is not None else 0
+            return self.queued + extra + self.retrying
 
     def cancel(self) -> None:
         """Drop queued work (``stop(drain=False)``)."""

@@ -151,7 +151,17 @@ def compile_plan(graph: Graph) -> Plan:
             and t.timeout is None
         )
 
+    def direct(node: NodePlan) -> bool:
+        # fused code stops an item at its first skip: only right when the next node
+        # uses its input directly (not only through after= or inside a gather)
+        b = node.spec.binding
+        return b.passthrough or any(
+            isinstance(t, Ref) for t in (*b.args, *(v for _, v in b.kwargs))
+        )
+
     def fuse(prev: NodePlan, node: NodePlan) -> bool:
+        if not direct(node):
+            return False
         if fusable(prev) and fusable(node):
             return True
         return (
@@ -285,7 +295,7 @@ def _call_expr(spec: NodeSpec, n_ports: int, consts: dict[str, Any]) -> str:
     kw_odd = [(k, v) for k, v in b.kwargs if (k, v) not in kw_plain]
     parts.extend(f"{k}={tmpl(v)}" for k, v in kw_plain)
     if kw_odd:
-        parts.append("**{" + ", ".join(f"{k!r}: {tmpl(v)}" for k, v in kw_odd) + "}")
+        parts.append("**{" + ", ".join(f"{const(k)}: {tmpl(v)}" for k, v in kw_odd) + "}")
     return f"f({', '.join(parts)})"
 
 

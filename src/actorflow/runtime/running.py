@@ -102,14 +102,19 @@ class _FutureOwner:
     def block_done(self, block: _Block) -> None:
         assert block.vals is not None
         v = block.vals[0]
-        if type(v) is Failed:
-            self.future.set_exception(RunFailed(list(v.failures), self.run_id))
-        else:
-            self.future.set_result(v)
+        try:
+            if type(v) is Failed:
+                self.future.set_exception(RunFailed(list(v.failures), self.run_id))
+            else:
+                self.future.set_result(v)
+        except concurrent.futures.InvalidStateError:
+            pass  # the caller cancelled the future: the result is discarded
 
     def abort(self, exc: BaseException) -> None:
-        if not self.future.done():
+        try:
             self.future.set_exception(exc)
+        except concurrent.futures.InvalidStateError:
+            pass  # already cancelled or resolved
 
 
 class _QueueOwner:
@@ -154,24 +159,36 @@ class _Sink:
             with self.lock:
                 ready = self.joiner.add(port, ids, vals, special)
         for r_ids, r_vals, r_special in ready:
-            self.flow._complete(r_ids, self._outputs(r_vals, r_special), r_special)
+            out, out_special = self._outputs(r_ids, r_vals, r_special)
+            self.flow._complete(r_ids, out, out_special)
         return False
 
-    def _outputs(self, vals: list[Any], special: bool) -> list[Any]:
+    def _outputs(self, ids: Any, vals: list[Any], special: bool) -> tuple[list[Any], bool]:
         if self.identity:
-            return vals
+            return vals, special
         fn = self.output_fn
-        if self.joiner is None:
-            if not special:
-                return [fn((v,)) for v in vals]
-            return [v if type(v) is Failed else fn((v,)) for v in vals]
+        single = self.joiner is None
         if not special:
-            return [fn(t) for t in vals]
+            try:
+                return ([fn((v,)) for v in vals] if single else [fn(t) for t in vals]), False
+            except Exception:
+                pass  # an output path failed for some item: build them one by one
         out = []
-        for t in vals:
-            failed = [x for x in t if type(x) is Failed]
-            out.append(Failed.merge(failed) if failed else fn(t))
-        return out
+        for item, v in zip(ids, vals, strict=True):
+            parts = (v,) if single else v
+            failed = [x for x in parts if type(x) is Failed]
+            if failed:
+                out.append(Failed.merge(failed))
+                continue
+            try:
+                out.append(fn(parts))
+            except Exception as exc:  # e.g. the flow returns node["key"] and the key is missing
+                failure = Failure.capture(
+                    exc, task=self.flow.name, item_id=item, run_id=self.flow.run_id
+                )
+                self.flow.on_task_failed(failure)
+                out.append(Failed((failure,)))
+        return out, True
 
 
 class RunningFlow(RunContext):
@@ -300,6 +317,8 @@ class RunningFlow(RunContext):
                 "start it again to submit more items"
             )
         if self._fatal is not None:
+            if not isinstance(self._fatal, Exception):
+                raise self._fatal  # KeyboardInterrupt / SystemExit raised by a task
             raise ActorflowError(f"running flow {self.name!r} failed: {self._fatal!r}")
 
     def _enter(self, values: list[Any], owner: Any) -> _Block:

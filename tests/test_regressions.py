@@ -1,0 +1,307 @@
+"""Regressions: each test pins a defect found in review (races, hangs, wrong semantics)."""
+
+from __future__ import annotations
+
+import collections
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import actorflow as af
+
+
+@pytest.fixture
+def tiny_switch_interval() -> Iterator[None]:
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(previous)
+
+
+def test_a_done_callback_may_submit_to_a_node_with_several_workers() -> None:
+    @af.task(workers=2)
+    def work(x: int) -> int:
+        return x
+
+    @af.flow
+    def f(x: int) -> Any:
+        return work(x)
+
+    done = threading.Event()
+    with f.start() as running:
+
+        def chain(fut: Any) -> None:
+            n = fut.result()
+            if n < 5:
+                running.submit(n + 1).add_done_callback(chain)
+            else:
+                done.set()
+
+        running.submit(0).add_done_callback(chain)
+        assert done.wait(10)
+
+
+def test_a_future_cancelled_by_the_caller_does_not_break_the_graph() -> None:
+    release = threading.Event()
+
+    @af.task
+    def slow(x: int) -> int:
+        release.wait(10)
+        return x
+
+    @af.flow
+    def f(x: int) -> Any:
+        return slow(x)
+
+    with f.start() as running:
+        first = running.submit(1)
+        second = running.submit(2)
+        assert second.cancel()
+        release.set()
+        assert first.result(10) == 1
+        assert running.submit(3).result(10) == 3
+
+
+def test_an_output_path_that_fails_fails_its_item_not_the_graph() -> None:
+    @af.task
+    def get(x: int) -> dict[str, int]:
+        return {"a": 1} if x else {}
+
+    @af.flow
+    def f(x: int) -> Any:
+        return get(x)["a"]
+
+    with pytest.raises(af.RunFailed) as info:
+        f.run(0)
+    assert info.value.failures[0].error_type == "KeyError"
+    with f.start() as running:
+        with pytest.raises(af.RunFailed):
+            running.submit(0).result(10)
+        assert running.submit(1).result(10) == 1
+
+
+@af.task
+def skips(x: Any) -> Any:
+    return af.SKIP
+
+
+@af.task
+def ran() -> str:
+    return "ran"
+
+
+@af.task
+def gathered(xs: list[Any]) -> str:
+    return f"ran with {xs}"
+
+
+def test_a_skip_reaches_an_after_dependant_as_ordering_only_even_when_fused() -> None:
+    @af.flow
+    def f(x: int) -> Any:
+        return ran(after=[skips(x)])
+
+    assert f.run(1) == "ran"
+
+
+def test_a_skip_inside_a_gather_is_omitted_even_when_fused() -> None:
+    @af.flow
+    def f(x: int) -> Any:
+        return gathered([skips(x)])
+
+    assert f.run(1) == "ran with []"
+    with f.start() as running:
+        assert list(running.map(range(3))) == ["ran with []"] * 3
+
+
+def test_af_map_over_a_gather_omits_skipped_elements() -> None:
+    seen: list[Any] = []
+
+    @af.task
+    def one(x: int) -> int:
+        return 1
+
+    @af.task
+    def inc(v: int) -> int:
+        seen.append(v)
+        return v + 1
+
+    @af.flow
+    def f(x: int) -> Any:
+        return af.map(inc, [one(x), skips(x)])
+
+    assert f.run(0) == [2]
+    assert seen == [1]
+
+
+def test_metrics_can_be_read_while_joins_are_busy(tiny_switch_interval: None) -> None:
+    @af.task
+    def a(x: int) -> int:
+        return x
+
+    @af.task
+    def join(x: int, y: int) -> int:
+        return x + y
+
+    @af.flow
+    def f(x: int) -> Any:
+        return join(a(x), a(x))
+
+    errors: list[str] = []
+    with f.start(max_in_flight=4096) as running:
+        stop = threading.Event()
+
+        def poll() -> None:
+            while not stop.is_set():
+                try:
+                    running.metrics()
+                except Exception as exc:
+                    errors.append(repr(exc))
+                    return
+
+        poller = threading.Thread(target=poll)
+        poller.start()
+        for _ in range(10):
+            assert [fut.result(30) for fut in [running.submit(i) for i in range(200)]] == [
+                2 * i for i in range(200)
+            ]
+        stop.set()
+        poller.join()
+    assert errors == []
+
+
+def test_system_exit_in_a_task_reaches_the_caller_as_itself() -> None:
+    @af.task(workers=2)
+    def boom(x: int) -> int:
+        if x == 3:
+            raise SystemExit(3)
+        return x
+
+    @af.flow
+    def g(x: int) -> Any:
+        return boom(x)
+
+    for _ in range(5):
+        with pytest.raises(SystemExit), g.start() as running:
+            list(running.map(range(10)))
+
+
+def test_a_busy_host_does_not_hide_a_blocked_one() -> None:
+    # three independent nodes: one blocks, one computes, one is quick; the quick one
+    # must not wait for the computing one just because the pool's total CPU looks busy
+    go = threading.Event()
+    quick_ran = threading.Event()
+
+    @af.task
+    def sleeper(x: int) -> str:
+        go.wait(10)
+        return "slept"
+
+    @af.task
+    def spinner(x: int) -> str:
+        end = time.perf_counter() + 1.0
+        while time.perf_counter() < end and not go.is_set():
+            pass
+        return "spun"
+
+    @af.task
+    def quick(x: int) -> str:
+        quick_ran.set()
+        return "quick"
+
+    @af.flow
+    def f(x: int) -> Any:
+        return [sleeper(x), spinner(x), quick(x)]
+
+    with f.start() as running:
+        start = time.perf_counter()
+        fut = running.submit(1)
+        assert quick_ran.wait(10)
+        elapsed = time.perf_counter() - start
+        go.set()
+        assert fut.result(10) == ["slept", "spun", "quick"]
+    assert elapsed < 0.5  # not held until the spinner's second is over
+
+
+def test_a_class_task_in_af_map_keeps_its_instance() -> None:
+    @af.task
+    class Counter:
+        def __init__(self) -> None:
+            self.n = 0
+
+        def __call__(self, x: int) -> int:
+            self.n += 1
+            return self.n
+
+    @af.task
+    def split(n: int) -> list[int]:
+        return list(range(n))
+
+    @af.flow
+    def f(n: int) -> Any:
+        return af.map(Counter, split(n))
+
+    assert f.run(5) == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda n: collections.OrderedDict(k=n),
+        lambda n: {n},
+        lambda n: collections.namedtuple("P", "a")(n),
+    ],
+)
+def test_a_node_inside_a_container_that_is_not_gathered_is_refused(make: Any) -> None:
+    @af.task
+    def inc(x: int) -> int:
+        return x + 1
+
+    @af.task
+    def show(v: Any) -> str:
+        return repr(v)
+
+    @af.flow
+    def f(x: int) -> Any:
+        return show(make(inc(x)))
+
+    with pytest.raises(af.GraphError, match="only plain lists, tuples and dicts of Nodes"):
+        _ = f.graph
+
+
+def test_retired_hosts_do_not_accumulate_in_a_long_lived_graph() -> None:
+    @af.task(workers=6)
+    def nap(x: int) -> int:
+        time.sleep(0.01)
+        return x
+
+    @af.flow
+    def f(x: int) -> Any:
+        return nap(x)
+
+    with f.start() as running:
+        for _ in range(8):
+            assert list(running.map(range(12))) == list(range(12))
+        pool = running._pool
+        assert len(pool.threads) <= pool.n_hosts + 1
+        assert len(pool._refs) <= pool.n_hosts + 1
+
+
+def test_odd_keyword_names_survive_code_generation() -> None:
+    @af.task
+    def a(x: int) -> int:
+        return x
+
+    @af.task
+    def b(**kw: Any) -> list[str]:
+        return sorted(kw)
+
+    @af.flow
+    def f(x: int) -> Any:
+        return b(**{"f-x": a(x)})
+
+    with f.start() as running:
+        assert list(running.map(range(3))) == [["f-x"]] * 3
