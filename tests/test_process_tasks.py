@@ -217,3 +217,51 @@ def test_all_process_tasks_of_a_run_share_one_pool() -> None:
     with f.start(processes=2) as running:
         pids = {p for out in running.map(range(20)) for p in out}
     assert 1 <= len(pids) <= 2
+
+
+@af.task(executor="process")
+def square(x: int) -> int:
+    if x == 13:
+        raise ValueError("unlucky")
+    return x * x
+
+
+@af.task
+def numbers(n: int) -> list[int]:
+    return list(range(n))
+
+
+def test_af_map_of_a_process_task_runs_the_elements_in_the_workers() -> None:
+    @af.flow
+    def f(n: int) -> Any:
+        return af.map(square, numbers(n))
+
+    @af.flow
+    def lenient(n: int) -> Any:
+        return af.map(square, numbers(n), return_exceptions=True)
+
+    assert f.run(10, processes=2) == [x * x for x in range(10)]
+    with pytest.raises(af.RunFailed) as info:
+        f.run(20, processes=2)
+    assert [(x.task, x.error_type, x.executor) for x in info.value.failures] == [
+        ("square", "ValueError", "process")
+    ]
+    out = lenient.run(15, processes=2)
+    assert isinstance(out[13], ValueError)
+    assert out[12] == 144
+
+
+def test_indexing_a_node_with_one_input_passes_the_element_whole() -> None:
+    @af.task
+    def pairs() -> list[tuple[int, int]]:
+        return [(1, 2), (3, 4)]
+
+    @af.task
+    def ident(t: tuple[int, int]) -> tuple[int, int]:
+        return t
+
+    @af.flow
+    def first() -> Any:
+        return ident(pairs()[0])
+
+    assert first.run() == (1, 2)

@@ -362,7 +362,8 @@ class Segment:
         self.first_arg = plan.head.first_arg
         self.busy = [False] * head_task.workers
         self.is_async = head_task.executor == "async"
-        self.is_process = head_task.executor == "process"
+        # an af.map of a process task maps its elements in the pool (see _call_map)
+        self.is_process = head_task.executor == "process" and plan.head.kind != "map"
         self.pool_key: str | None = None  # registered in the run's process pool on first use
         self.rr = itertools.count()
         self.asem: Any = None  # the node's asyncio.Semaphore(concurrency), made in the loop
@@ -1184,7 +1185,10 @@ class Segment:
                 return ctx.call_with_timeout(lambda: plain(x), timeout, node.name, item, 1)
 
         t0 = time.perf_counter()
-        results = self.ctx.map_parallel(call, items, parallelism, t)
+        if t.executor == "process":
+            results = self._map_remote(node, item, items, parallelism)
+        else:
+            results = self.ctx.map_parallel(call, items, parallelism, t)
         stats.sample(time.perf_counter() - t0)
         failures: list[Failure] = []
         out: list[Any] = []
@@ -1197,11 +1201,17 @@ class Segment:
             if b.return_exceptions:
                 if isinstance(value, _InnerFailures):  # show the public type in place
                     out.append(RunFailed(value.failures, value.run_id))
+                elif isinstance(value, Failure):  # a remote element: its exception
+                    out.append(value.exception())
                 else:
                     out.append(value)
                 continue
             if isinstance(value, _InnerFailures):
                 failures.extend(value.failures)  # a branch's own failure records
+                continue
+            if isinstance(value, Failure):  # a remote element's record, built by the pool
+                self.ctx.on_task_failed(value)
+                failures.append(value)
                 continue
             failure = Failure.capture(
                 value,
@@ -1218,6 +1228,49 @@ class Segment:
             return Failed(tuple(failures))
         stats.done += 1
         return out
+
+    def _map_remote(
+        self, node: NodePlan, item: Any, items: list[Any], parallelism: int
+    ) -> list[tuple[bool, Any, int]]:
+        """af.map of a process task: the elements go to the worker pool in chunks.
+
+        One chunk per worker that may run at once (``max_parallelism``, the
+        pool size); each chunk is one batch message each way. A failed
+        element comes back as its :class:`Failure` record.
+        """
+        from actorflow.runtime import processes as pr
+
+        if not items:
+            return []
+        t = node.spec.task
+        pool = self.ctx.process_pool()
+        key = f"{self.plan.index}:{node.name}:map"
+        with self.lock:
+            if self.pool_key != key:
+                pool.register(key, [t.fn])
+                self.pool_key = key
+        n_chunks = max(1, min(parallelism, pool.processes, len(items)))
+        size = -(-len(items) // n_chunks)
+        chunks = [items[i : i + size] for i in range(0, len(items), size)]
+
+        def run_chunk(chunk: list[Any]) -> list[Any]:
+            return list(pool.call_batch(key, chunk, timeout=t.timeout))
+
+        outcomes: list[Any] = []
+        for ok, value, _ in self.ctx.map_parallel(run_chunk, chunks, len(chunks)):
+            if not ok:
+                raise value  # the pool itself failed: an internal error
+            outcomes.extend(value)
+        results: list[tuple[bool, Any, int]] = []
+        for element, oc in zip(items, outcomes, strict=True):
+            if type(oc) is pr.Ok:
+                results.append((True, oc.value, 1))
+            else:
+                failure = oc.to_failure(
+                    task=node.name, item_id=item, run_id=self.ctx.run_id, inputs=(element,)
+                )
+                results.append((False, failure, 1))
+        return results
 
     def pending_items(self) -> int:
         """Items queued, waiting in the join or on a retry timer (``metrics().queued``)."""

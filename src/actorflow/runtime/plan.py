@@ -234,7 +234,7 @@ def _node_plan(spec: NodeSpec) -> NodePlan:
     consts: dict[str, Any] = {}
     expr = _call_expr(spec, len(ports), consts)
     call = _SHARED_CALLS.get(expr)
-    if call is None and not consts and expr == _positional_join(len(ports)):
+    if call is None and not consts and len(ports) > 1 and expr == _positional_join(len(ports)):
         call = _star_call  # f(v[0], ..., v[n-1]): the usual join of n inputs
     if call is None or consts:
         ns = {**consts, "SKIP": SKIP}

@@ -153,6 +153,8 @@ _FLUSH_BYTES: Final = 4 * 1024 * 1024
 _KILL_GRACE_S: Final = 1.0
 _STOP_GRACE_S: Final = 5.0
 _MAX_UNDELIVERED: Final = 3
+_LOAD_GRACE_S: Final = 30.0  # loading code (imports) may take this long whatever the timeout
+_LOADING: Final = -1  # progress position while a worker loads a chain / builds an instance
 
 # parent -> worker request kinds; worker -> parent batch id 0 is the start-up hello
 _RUN: Final = 1
@@ -589,7 +591,7 @@ class _Worker:
             if kind == _STOP:
                 return
             batch_id = msg[1]
-            self._mark(batch_id, 0)  # loading the code counts against the first item
+            self._mark(batch_id, _LOADING)  # a load that hangs is bounded too
             if kind == _RUN:
                 _, _, key, version, code, items = msg
                 fns = self._load(self.chains, key, version, code)
@@ -1125,6 +1127,9 @@ class ProcessPool:
                         ex.exitcode,
                         ex.pid,
                     )
+            elif ex.fate == "timeout" and ex.position == _LOADING:
+                for i in left:  # loading the code hung: every item would hang the same way
+                    outcomes[i] = Timeout(float(timeout or 0.0), ex.pid)
             elif ex.fate == "timeout":
                 culprit = group[ex.position]
                 outcomes[culprit] = Timeout(float(timeout or 0.0), ex.pid)
@@ -1185,7 +1190,9 @@ class ProcessPool:
             wait_s = None
             if timeout is not None:
                 record = self._running(slot, batch_id, n, done)
-                wait_s = timeout if record is None else max(0.0, record[2] + timeout - _now())
+                wait_s = (
+                    timeout if record is None else max(0.0, _deadline(record, timeout) - _now())
+                )
             ready = wait([conn, sentinel], wait_s)
             if conn in ready:
                 if not self._receive(slot, conn, batch_id, done, last_stage):
@@ -1199,7 +1206,7 @@ class ProcessPool:
                 return self._lost(slot, done, in_flight=n - len(done))
             if record is not None and timeout is not None:
                 again = self._running(slot, batch_id, n, done)
-                if again == record and _now() >= record[2] + timeout:
+                if again == record and _now() >= _deadline(record, timeout):
                     return self._time_out(slot, done, int(record[1]), timeout)
         return _Exchange(done)
 
@@ -1210,8 +1217,10 @@ class ProcessPool:
         p = slot.progress
         record = (p[0], p[1], p[2])
         position = int(record[1])
-        if int(record[0]) != batch_id or not 0 <= position < n or position in done:
-            return None  # not started yet, or between items
+        if int(record[0]) != batch_id:
+            return None  # not started yet
+        if position != _LOADING and (not 0 <= position < n or position in done):
+            return None  # between items
         return record
 
     @staticmethod
@@ -1567,3 +1576,10 @@ class ProcessPool:
 
 def _now() -> float:
     return time.monotonic()
+
+
+def _deadline(record: tuple[float, float, float], timeout: float) -> float:
+    """When the running item (or the code loading before it) of ``record`` is over time."""
+    if int(record[1]) == _LOADING:
+        return record[2] + max(timeout, _LOAD_GRACE_S)
+    return record[2] + timeout
