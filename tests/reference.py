@@ -11,7 +11,9 @@ The graph is a plain description: a sequence of :class:`Node` with
   order (or, for a *gather* node, as one list that omits skipped elements);
 - ``after``: ordering-only dependencies;
 
-Nodes without data dependencies are roots: they receive the run's arguments.
+Nodes without data dependencies are roots: they receive the run's arguments
+(none when ``root_args`` is false: a function that takes no parameters). A node
+with only ``after`` dependencies is a root too.
 
 Semantics modelled (DESIGN.md sections 2-3):
 
@@ -96,6 +98,7 @@ class Node:
     deps: tuple[str, ...] = ()
     after: tuple[str, ...] = ()
     gather: bool = False
+    root_args: bool = True  # a root taking parameters gets the run's arguments, else none
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "deps", tuple(self.deps))
@@ -216,8 +219,10 @@ def interpret(
         elif node.deps:
             call_args = tuple(values[dep] for dep in node.deps)
             call_kwargs = {}
-        else:
+        elif node.root_args:
             call_args, call_kwargs = args, kwargs
+        else:
+            call_args, call_kwargs = (), {}
         calls.append(name)
         try:
             result = node.fn(*call_args, **call_kwargs)

@@ -18,15 +18,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import actorflow as af
 
-try:  # tests/ is on sys.path (rootdir-relative import, no __init__.py)
-    import reference as ref
-except ImportError:  # pragma: no cover - tests/ turned into a package
+try:  # tests/ is a package
     from tests import reference as ref
+except ImportError:  # pragma: no cover - tests/ without __init__.py: it is on sys.path
+    import reference as ref
 
 RESULT_TIMEOUT = 60.0
 MODULUS = 1_000_003
@@ -124,7 +124,12 @@ def positional_fn(name: str, op: Op, arity: int, log: CallLog) -> Callable[..., 
         return log.record(name, op, xs)
 
     fn: Callable[..., Any]
-    if arity == 1:
+    if arity == 0:
+
+        def fn() -> Any:
+            return call()
+
+    elif arity == 1:
 
         def fn(a: int) -> Any:
             return call(a)
@@ -153,13 +158,13 @@ def positional_fn(name: str, op: Op, arity: int, log: CallLog) -> Callable[..., 
 def gather_fn(name: str, op: Op, container: str, log: CallLog) -> Callable[..., Any]:
     """A function taking one gathered container (``list``, ``tuple`` or ``dict``)."""
 
+    expected_type = {"list": list, "tuple": tuple, "dict": dict}[container]
+
     def fn(values: Any) -> Any:
-        if container == "dict":
-            if not isinstance(values, dict):
-                raise TypeError(f"a gathered dict arrived as {type(values).__name__}")
-            values = list(values.values())
-        elif not isinstance(values, list | tuple):
+        if type(values) is not expected_type:
             raise TypeError(f"a gathered {container} arrived as {type(values).__name__}")
+        if isinstance(values, dict):
+            values = values.values()
         return log.record(name, op, list(values))
 
     fn.__name__ = fn.__qualname__ = name
@@ -190,23 +195,40 @@ class NodeSpec:
     op: Op
     deps: tuple[str, ...]
     after: tuple[str, ...]
+    takes_input: bool = True  # for a root: whether its function takes parameters
 
 
 @dataclass(frozen=True)
 class DagSpec:
-    """A random DAG: edges only go from lower to higher index (acyclic)."""
+    """A random DAG: edges only go from lower to higher index (acyclic).
+
+    A run passes ``n_args`` arguments; a root's function takes them all, or none.
+    """
 
     nodes: tuple[NodeSpec, ...]
     add_order: tuple[int, ...]  # the order of the ``add`` calls (forward references)
+    n_args: int = 1
 
     def reference(self) -> list[ref.Node]:
-        return [ref.Node(n.name, reference_fn(n.op), n.deps, n.after) for n in self.nodes]
+        return [
+            ref.Node(n.name, reference_fn(n.op), n.deps, n.after, root_args=n.takes_input)
+            for n in self.nodes
+        ]
+
+    def arity(self, node: NodeSpec) -> int:
+        if node.deps:
+            return len(node.deps)
+        return self.n_args if node.takes_input else 0
+
+    def args(self, values: Sequence[int]) -> tuple[int, ...]:
+        """The run's arguments, taken from an item's values."""
+        return tuple(values[: self.n_args])
 
     def build(self, log: CallLog) -> af.Graph:
         graph = af.Graph("random_dag")
         for index in self.add_order:
             node = self.nodes[index]
-            fn = positional_fn(node.name, node.op, max(1, len(node.deps)), log)
+            fn = positional_fn(node.name, node.op, self.arity(node), log)
             options: dict[str, list[str]] = {}
             if node.deps:
                 options["depends_on"] = list(node.deps)
@@ -228,7 +250,8 @@ class DagSpec:
                 extra += f", depends_on={list(node.deps)!r}"
             if node.after:
                 extra += f", after={list(node.after)!r}"
-            lines.append(f"g.add({node.name!r}, {node.op!r}{extra})")
+            fn = f"{node.op!r}/{self.arity(node)}"  # the op, and how many parameters
+            lines.append(f"g.add({node.name!r}, {fn}{extra})")
         return "\n".join(lines)
 
 
@@ -261,13 +284,20 @@ def dags(
                 draw(op_strategy),
                 tuple(f"n{d}" for d in deps),
                 tuple(f"n{a}" for a in after),
+                takes_input=bool(deps) or draw(st.integers(0, 3)) > 0,
             )
         )
     order = draw(st.permutations(range(n)))
-    return DagSpec(tuple(nodes), tuple(order))
+    return DagSpec(tuple(nodes), tuple(order), n_args=draw(st.integers(1, 2)))
 
 
 INPUTS = st.integers(-1000, 1000)
+ITEMS = st.tuples(INPUTS, INPUTS)  # a DAG's run takes the first ``n_args`` of these
+
+
+def columns(dag: DagSpec, items: Sequence[tuple[int, int]]) -> list[list[int]]:
+    """One iterable per run argument, for ``map(*iterables)`` (which zips them)."""
+    return [[item[i] for item in items] for i in range(dag.n_args)]
 
 
 def failed_tasks(error: af.RunFailed) -> Counter[str]:
@@ -296,11 +326,25 @@ def check_order(spec: DagSpec, log: CallLog) -> None:
 
 
 @dataclass(frozen=True)
+class Step:
+    """One node of a traced flow: ``key`` locates it in the spec, ``name`` is its node name."""
+
+    key: str
+    name: str
+    op: Op
+    deps: tuple[str, ...]  # node names
+    gather: bool
+    task: str  # the task's name (shared by the nodes of a task used several times)
+
+
+@dataclass(frozen=True)
 class FlowSpec:
     """A traced flow: a chain, or a diamond (head, branches, a join, a tail).
 
     The join is a gather (``total([a, b, c])``: skipped elements omitted) or a
-    positional join (``total(a, b, c)``: skipped when any input is skipped).
+    positional join (``total(a, b, c)``: skipped when any input is skipped). With
+    ``shared``, single-input steps doing the same op use one task object, so the
+    traced nodes are named ``name``, ``name_2``, ... in trace order.
     """
 
     head: tuple[Op, ...]
@@ -308,34 +352,42 @@ class FlowSpec:
     join: Op | None = None
     container: str = "list"  # "list" | "tuple" | "dict" (gather) or "positional"
     tail: tuple[Op, ...] = ()
+    shared: bool = False
 
-    def _layout(self) -> list[tuple[str, Op, tuple[str, ...], bool]]:
-        """``(name, op, deps, gather)`` for every node, in trace order."""
-        nodes: list[tuple[str, Op, tuple[str, ...], bool]] = []
+    def steps(self) -> list[Step]:
+        """Every node, in trace order."""
+        steps: list[Step] = []
+        uses: Counter[str] = Counter()
+
+        def add(key: str, op: Op, deps: tuple[str, ...], gather: bool = False) -> tuple[str]:
+            task = key
+            if self.shared and key != "join":
+                task = f"{op.kind}_{op.k}".replace("-", "m")
+            uses[task] += 1
+            name = task if uses[task] == 1 else f"{task}_{uses[task]}"
+            steps.append(Step(key, name, op, deps, gather, task))
+            return (name,)
+
         previous: tuple[str, ...] = ()
         for i, op in enumerate(self.head):
-            nodes.append((f"head{i}", op, previous, False))
-            previous = (f"head{i}",)
+            previous = add(f"head{i}", op, previous)
         if self.join is None:
-            return nodes
+            return steps
         ends: list[str] = []
         for b, branch in enumerate(self.branches):
             upstream = previous
             for i, op in enumerate(branch):
-                nodes.append((f"branch{b}_{i}", op, upstream, False))
-                upstream = (f"branch{b}_{i}",)
+                upstream = add(f"branch{b}_{i}", op, upstream)
             ends.append(upstream[0])
-        nodes.append(("join", self.join, tuple(ends), self.container != "positional"))
-        previous = ("join",)
+        previous = add("join", self.join, tuple(ends), self.container != "positional")
         for i, op in enumerate(self.tail):
-            nodes.append((f"tail{i}", op, previous, False))
-            previous = (f"tail{i}",)
-        return nodes
+            previous = add(f"tail{i}", op, previous)
+        return steps
 
     def reference(self) -> list[ref.Node]:
         return [
-            ref.Node(name, reference_fn(op, gather=gather), deps, gather=gather)
-            for name, op, deps, gather in self._layout()
+            ref.Node(s.name, reference_fn(s.op, gather=s.gather), s.deps, gather=s.gather)
+            for s in self.steps()
         ]
 
     def expect(self, x: int) -> ref.Outcome:
@@ -345,14 +397,22 @@ class FlowSpec:
         (sink,) = outcome.sinks
         return to_engine(outcome.outputs[sink])
 
+    def expected_calls(self, outcomes: Sequence[ref.Outcome]) -> Counter[str]:
+        """Calls per task function (a shared task counts the calls of all its nodes)."""
+        task_of = {s.name: s.task for s in self.steps()}
+        return Counter(task_of[name] for outcome in outcomes for name in outcome.ran)
+
     def build(self, log: CallLog) -> af.Flow:
+        by_task: dict[str, Any] = {}
         tasks: dict[str, Any] = {}
-        for name, op, deps, gather in self._layout():
-            if gather:
-                fn = gather_fn(name, op, self.container, log)
-            else:
-                fn = positional_fn(name, op, max(1, len(deps)), log)
-            tasks[name] = af.task(name=name)(fn)
+        for step in self.steps():
+            if step.task not in by_task:
+                if step.gather:
+                    fn = gather_fn(step.task, step.op, self.container, log)
+                else:
+                    fn = positional_fn(step.task, step.op, max(1, len(step.deps)), log)
+                by_task[step.task] = af.task(name=step.task)(fn)
+            tasks[step.key] = by_task[step.task]
         spec = self
 
         def traced(x: Any) -> Any:
@@ -384,7 +444,10 @@ class FlowSpec:
 
 @st.composite
 def chains(draw: st.DrawFn, *, skips: bool = True, faults: bool = True) -> FlowSpec:
-    return FlowSpec(tuple(draw(st.lists(ops(skips=skips, faults=faults), min_size=1, max_size=8))))
+    return FlowSpec(
+        tuple(draw(st.lists(ops(skips=skips, faults=faults), min_size=1, max_size=8))),
+        shared=draw(st.booleans()),
+    )
 
 
 @st.composite
@@ -401,11 +464,60 @@ def diamonds(draw: st.DrawFn, *, skips: bool = True, faults: bool = True) -> Flo
         join=draw(op_strategy),
         container=draw(st.sampled_from(["list", "positional", "tuple", "dict"])),
         tail=tuple(draw(st.lists(op_strategy, max_size=3))),
+        shared=draw(st.booleans()),
     )
 
 
 def flows(*, skips: bool = True, faults: bool = True) -> st.SearchStrategy[FlowSpec]:
     return st.one_of(chains(skips=skips, faults=faults), diamonds(skips=skips, faults=faults))
+
+
+# ------------------------------------------------------- corner cases, always run
+
+
+def dag_spec(*nodes: tuple[str, Op, tuple[str, ...], tuple[str, ...]]) -> DagSpec:
+    return DagSpec(tuple(NodeSpec(*node) for node in nodes), tuple(range(len(nodes))))
+
+
+# with x = 4: "skip" skips n1, "raise" fails n2 (4 % 2 == 0)
+SKIP_AND_FAILURE_DAG = dag_spec(
+    ("n0", Op("add"), (), ()),
+    ("n1", Op("skip", 2), ("n0",), ()),
+    ("n2", Op("raise", 2), ("n0",), ()),
+    ("n3", Op("add", 1), ("n0",), ("n1",)),  # a skipped `after` does not skip: runs
+    ("n4", Op("sum"), ("n1", "n2"), ()),  # skipped and failed inputs: failed
+    ("n5", Op("add", 1), ("n0",), ("n4",)),  # failed `after` (propagated): not run
+    ("n6", Op("mul", 3), ("n0",), ("n2",)),  # failed `after`: not run
+    ("n7", Op("add", 2), (), ()),  # another root, not downstream of the failure: runs
+)
+# with x = 4: n1 skips; n4 is a positional join with a skipped input: skipped
+SKIP_DAG = dag_spec(
+    ("n0", Op("add"), (), ()),
+    ("n1", Op("skip", 2), ("n0",), ()),
+    ("n2", Op("add", 3), ("n0",), ()),
+    ("n3", Op("add", 1), ("n0",), ("n1",)),
+    ("n4", Op("sum"), ("n2", "n1"), ()),
+    ("n5", Op("mul", 2), ("n2",), ("n4",)),
+    ("n6", Op("add", 1), ("n4",), ()),
+)
+# with x = 4: branch 0 skips (4 % 2), branch 2 does not (4 % 3): the gather gets [5, 4]
+GATHER_SOME_SKIPPED = FlowSpec(
+    head=(Op("add"),),
+    branches=((Op("skip", 2),), (Op("add", 1),), (Op("skip", 3),)),
+    join=Op("add", 10),
+    container="list",
+)
+# with x = 6: every branch skips, the gather gets []
+GATHER_ALL_SKIPPED = FlowSpec(
+    head=(Op("add"),),
+    branches=((Op("skip", 2),), (Op("skip", 3),)),
+    join=Op("add", 10),
+    container="dict",
+)
+# a task used three times: nodes add_1, add_1_2, add_1_3; the third one fails (x = 1)
+SHARED_CHAIN = FlowSpec(
+    head=(Op("add", 1), Op("add", 1), Op("raise", 3), Op("add", 1), Op("add", 1)), shared=True
+)
 
 
 # ==================================================== the reference, on its own
@@ -500,6 +612,27 @@ def test_the_reference_gives_roots_the_run_arguments_and_sinks_include_after_onl
     assert outcome.sinks == ("r2",)
 
 
+def test_the_reference_agrees_with_the_corner_cases_as_documented() -> None:
+    outcome = SKIP_AND_FAILURE_DAG.expect(4)
+    assert outcome.failed == {"n2"}
+    assert outcome.ran == {"n0", "n1", "n2", "n3", "n7"}
+    outcome = SKIP_DAG.expect(4)
+    assert outcome.outputs == {"n3": 5, "n5": 14, "n6": ref.SKIP}
+    assert outcome.ran == {"n0", "n1", "n2", "n3", "n5"}
+    assert GATHER_SOME_SKIPPED.expect(4).outputs == {"join": (1 * 5 + 2 * 4 + 10)}
+    assert GATHER_ALL_SKIPPED.expect(6).outputs == {"join": 10}
+    assert GATHER_ALL_SKIPPED.expect(5).outputs == {"join": 1 * 5 + 2 * 5 + 10}
+    assert [s.name for s in SHARED_CHAIN.steps()] == [
+        "add_1",
+        "add_1_2",
+        "raise_3",
+        "add_1_3",
+        "add_1_4",
+    ]
+    assert SHARED_CHAIN.expect(1).failed == {"raise_3"}
+    assert SHARED_CHAIN.expect(2).outputs == {"add_1_4": 6}
+
+
 def test_the_reference_refuses_bad_graphs() -> None:
     with pytest.raises(ValueError, match="cycle"):
         ref.interpret([ref.Node("a", _const(1), deps=("b",)), ref.Node("b", _const(1), ("a",))])
@@ -510,13 +643,13 @@ def test_the_reference_refuses_bad_graphs() -> None:
 
 
 @SETTINGS
-@given(dag=dags(), x=INPUTS, data=st.data())
+@given(dag=dags(), item=ITEMS, data=st.data())
 def test_the_reference_does_not_depend_on_the_order_nodes_are_described_in(
-    dag: DagSpec, x: int, data: st.DataObject
+    dag: DagSpec, item: tuple[int, int], data: st.DataObject
 ) -> None:
     nodes = dag.reference()
     shuffled = data.draw(st.permutations(nodes))
-    a, b = ref.interpret(nodes, (x,)), ref.interpret(shuffled, (x,))
+    a, b = ref.interpret(nodes, dag.args(item)), ref.interpret(shuffled, dag.args(item))
     assert a.states == b.states
     assert a.values == b.values
     assert a.failed == b.failed
@@ -528,16 +661,23 @@ def test_the_reference_does_not_depend_on_the_order_nodes_are_described_in(
 
 
 @SETTINGS
-@given(dag=dags(), x=INPUTS)
-def test_random_dags_match_the_reference_interpreter(dag: DagSpec, x: int) -> None:
+@given(dag=dags(), item=ITEMS)
+@example(dag=SKIP_AND_FAILURE_DAG, item=(4, 0))
+@example(dag=SKIP_DAG, item=(4, 0))
+def test_random_dags_match_the_reference_interpreter(dag: DagSpec, item: tuple[int, int]) -> None:
     log = CallLog()
     graph = dag.build(log)
-    expected = dag.expect(x)
+    args = dag.args(item)
+    expected = dag.expect(*args)
+    assert {node.name for node in graph.nodes} == {n.name for n in dag.nodes}
+    data_edges = {(dep, n.name) for n in dag.nodes for dep in n.deps}
+    after_edges = {(dep, n.name) for n in dag.nodes for dep in n.after}
+    assert data_edges <= set(graph.edges) <= data_edges | after_edges
     if expected.ok:
-        assert graph.run(x) == to_engine(expected.outputs)
+        assert graph.run(*args) == to_engine(expected.outputs)
     else:
         with pytest.raises(af.RunFailed) as caught:
-            graph.run(x)
+            graph.run(*args)
         check_failure(caught.value, expected)
     # exactly the nodes the reference ran were called, each once; the rest never
     assert log.counts == Counter(expected.ran)
@@ -545,34 +685,50 @@ def test_random_dags_match_the_reference_interpreter(dag: DagSpec, x: int) -> No
 
 
 @SETTINGS
-@given(dag=dags(skips=False, faults=False), xs=st.lists(INPUTS, min_size=1, max_size=5))
-def test_every_node_runs_exactly_once_per_item_without_faults(dag: DagSpec, xs: list[int]) -> None:
+@given(dag=dags(skips=False, faults=False), items=st.lists(ITEMS, min_size=1, max_size=5))
+def test_every_node_runs_exactly_once_per_item_without_faults(
+    dag: DagSpec, items: list[tuple[int, int]]
+) -> None:
     log = CallLog()
     graph = dag.build(log)
-    names = [n.name for n in dag.nodes]
-    for x in xs:
-        graph.run(x)
-    assert log.counts == Counter({name: len(xs) for name in names})
+    every_node_once_per_item = Counter({n.name: len(items) for n in dag.nodes})
+    for item in items:
+        graph.run(*dag.args(item))
+    assert log.counts == every_node_once_per_item
     log.counts.clear()
     with graph.start() as running:
-        outputs = list(running.map(xs))
-    assert outputs == [to_engine(dag.expect(x).outputs) for x in xs]
-    assert log.counts == Counter({name: len(xs) for name in names})
+        outputs = list(running.map(*columns(dag, items)))
+    assert outputs == [to_engine(dag.expect(*dag.args(item)).outputs) for item in items]
+    assert log.counts == every_node_once_per_item
+
+
+def start_options(max_in_flight: int | None) -> dict[str, int]:
+    return {} if max_in_flight is None else {"max_in_flight": max_in_flight}
+
+
+MAX_IN_FLIGHT = st.sampled_from([None, 1, 2, 3, 8])
 
 
 @LONG_LIVED_SETTINGS
-@given(dag=dags(max_nodes=15), xs=st.lists(INPUTS, min_size=20, max_size=50))
-def test_long_lived_graphs_match_the_reference_item_by_item(dag: DagSpec, xs: list[int]) -> None:
-    expected = [dag.expect(x) for x in xs]
+@given(
+    dag=dags(max_nodes=15),
+    items=st.lists(ITEMS, min_size=20, max_size=50),
+    max_in_flight=MAX_IN_FLIGHT,
+)
+def test_long_lived_graphs_match_the_reference_item_by_item(
+    dag: DagSpec, items: list[tuple[int, int]], max_in_flight: int | None
+) -> None:
+    expected = [dag.expect(*dag.args(item)) for item in items]
     log = CallLog()
     graph = dag.build(log)
+    options = start_options(max_in_flight)
 
     # submit: one future per item, a failed item's future raises RunFailed
-    with graph.start() as running:
-        futures = [running.submit(x) for x in xs]
-        for x, future, outcome in zip(xs, futures, expected, strict=True):
+    with graph.start(**options) as running:
+        futures = [running.submit(*dag.args(item)) for item in items]
+        for item, future, outcome in zip(items, futures, expected, strict=True):
             if outcome.ok:
-                assert future.result(timeout=RESULT_TIMEOUT) == to_engine(outcome.outputs), x
+                assert future.result(timeout=RESULT_TIMEOUT) == to_engine(outcome.outputs), item
             else:
                 with pytest.raises(af.RunFailed) as caught:
                     future.result(timeout=RESULT_TIMEOUT)
@@ -580,12 +736,13 @@ def test_long_lived_graphs_match_the_reference_item_by_item(dag: DagSpec, xs: li
     # after the block drained, exactly the reference's calls happened, per item
     assert log.counts == sum((Counter(o.ran) for o in expected), Counter())
 
-    # map: ordered, skipped items in place; raises RunFailed at a failed item's position
-    with graph.start() as running:
-        results = iter(running.map(xs))
-        for x, outcome in zip(xs, expected, strict=True):
+    # map: zips its iterables, ordered, skipped outputs in place; raises RunFailed at a
+    # failed item's position
+    with graph.start(**options) as running:
+        results = iter(running.map(*columns(dag, items)))
+        for item, outcome in zip(items, expected, strict=True):
             if outcome.ok:
-                assert next(results) == to_engine(outcome.outputs), x
+                assert next(results) == to_engine(outcome.outputs), item
             else:
                 with pytest.raises(af.RunFailed) as caught:
                     next(results)
@@ -596,13 +753,19 @@ def test_long_lived_graphs_match_the_reference_item_by_item(dag: DagSpec, xs: li
 
 
 @SETTINGS
-@given(spec=flows(), xs=st.lists(INPUTS, min_size=1, max_size=10))
+@given(spec=flows(), xs=st.lists(INPUTS, min_size=1, max_size=10), max_in_flight=MAX_IN_FLIGHT)
+@example(spec=GATHER_SOME_SKIPPED, xs=[4, 5, 6, 12], max_in_flight=None)
+@example(spec=GATHER_ALL_SKIPPED, xs=[6, 5, 6], max_in_flight=1)
+@example(spec=SHARED_CHAIN, xs=[1, 2, 4], max_in_flight=None)
 def test_traced_chains_and_diamonds_match_the_reference_interpreter(
-    spec: FlowSpec, xs: list[int]
+    spec: FlowSpec, xs: list[int], max_in_flight: int | None
 ) -> None:
     log = CallLog()
     flow = spec.build(log)
     expected = [spec.expect(x) for x in xs]
+    # tracing names the nodes of a task used n times name, name_2, ... in trace order
+    assert {node.name for node in flow.graph.nodes} == {s.name for s in spec.steps()}
+    assert set(flow.graph.edges) == {(dep, s.name) for s in spec.steps() for dep in s.deps}
 
     outcome = expected[0]
     if outcome.ok:
@@ -611,10 +774,10 @@ def test_traced_chains_and_diamonds_match_the_reference_interpreter(
         with pytest.raises(af.RunFailed) as caught:
             flow.run(xs[0])
         check_failure(caught.value, outcome)
-    assert log.counts == Counter(outcome.ran)
+    assert log.counts == spec.expected_calls([outcome])
     log.counts.clear()
 
-    with flow.start() as running:
+    with flow.start(**start_options(max_in_flight)) as running:
         futures = [running.submit(x) for x in xs]
         for x, future, outcome in zip(xs, futures, expected, strict=True):
             if outcome.ok:
@@ -623,7 +786,7 @@ def test_traced_chains_and_diamonds_match_the_reference_interpreter(
                 with pytest.raises(af.RunFailed) as caught:
                     future.result(timeout=RESULT_TIMEOUT)
                 check_failure(caught.value, outcome)
-    assert log.counts == sum((Counter(o.ran) for o in expected), Counter())
+    assert log.counts == spec.expected_calls(expected)
 
 
 @SETTINGS
@@ -635,4 +798,5 @@ def test_traced_flows_without_faults_run_every_task_once_per_item(
     flow = spec.build(log)
     with flow.start() as running:
         assert list(running.map(xs)) == [spec.expected_value(spec.expect(x)) for x in xs]
-    assert log.counts == Counter({node.name: len(xs) for node in spec.reference()})
+    assert log.counts == spec.expected_calls([spec.expect(x) for x in xs])
+    assert sum(log.counts.values()) == len(spec.steps()) * len(xs)
