@@ -216,9 +216,12 @@ class HostPool:
             return mark  # keep measuring from the older mark
         cpu = self._busy_cpu()
         before = mark[2]
-        blocked = [r for r, ns in cpu.items() if r in before and ns - before[r] < window * 0.25e9]
         measured = [r for r in cpu if r in before]
-        if blocked or not measured:
+        if not measured:
+            # the busy hosts started after the last mark: measure a full window first
+            return self._mark() if cpu else mark
+        blocked = [r for r in measured if cpu[r] - before[r] < window * 0.25e9]
+        if blocked:
             every = len(blocked) == len(measured)
             want = len(self.ready) if every else len(blocked)
             n = min(want, self.max_hosts - self.n_hosts)
