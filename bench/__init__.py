@@ -3,7 +3,8 @@
 Run from the repository root with ``python -m bench`` (or ``make bench``). It
 measures actorflow against the limit (a plain Python loop calling the same task
 functions) and against peers (raw pykka actors wired with ``tell``, dask's
-threaded scheduler when it is installed), all in the same run, and prints a
+threaded scheduler when it is installed, ``ProcessPoolExecutor``, bytewax when
+installed), all in the same run, and prints a
 table of the measurements, their ratios and the targets from DESIGN.md.
 
 Workloads:
@@ -15,6 +16,15 @@ Workloads:
   ``af.Graph``: wall time per task, building and starting included.
 - **W3b** a 15-node flow: time to result from a cold process, and warm (a
   freshly built flow in a process that has already run one).
+- **W4** 8 CPU-bound pure-Python tasks as ``executor="process"`` nodes on
+  ``processes=2``: speedup over a sequential loop, cold and warm, against
+  ``concurrent.futures.ProcessPoolExecutor(2)``.
+- **W2** JSON log lines, parse -> keep WARN/ERROR -> per-service totals in the
+  caller: thread tasks, and process tasks fused in the workers, against the plain
+  loop, ``ProcessPoolExecutor`` and bytewax; peak memory of each.
+- **W5** RSS per 1,000 idle nodes of a started graph, against raw pykka actors.
+- **async** 10,000 ``asyncio.sleep(0.1)`` calls through an async task with
+  ``concurrency=1000``, against plain asyncio.
 
 Importing this package is cheap on purpose: the cold-start workload imports
 ``bench.workloads`` inside a fresh interpreter.

@@ -1,7 +1,8 @@
 """``python -m bench [--only W1a,W3b] [--quick] [--strict] [--json FILE]``.
 
 Runs the workloads, then prints one table: actorflow, the plain-loop limit, raw
-pykka and dask side by side, actorflow's speed relative to each, and the targets.
+pykka, dask, ``ProcessPoolExecutor`` and bytewax side by side (where they apply),
+actorflow's speed relative to each, and the targets.
 Exit status: 1 if a measurement raised (its traceback is on stderr), or with
 ``--strict`` if a target was missed; 0 otherwise.
 """
@@ -22,11 +23,28 @@ from bench._util import PEERS, Config, Row, render_table
 from bench.w1 import run_w1a, run_w1b
 from bench.w3 import run_w3a, run_w3b
 
+
+def _w4(name: str) -> Callable[[Config], list[Row]]:
+    """A workload of ``bench.w4``, imported on first use: it imports actorflow at the top,
+    which the other workloads (W3a's first-run note) leave to their own timing."""
+
+    def run(cfg: Config) -> list[Row]:
+        from bench import w4
+
+        return getattr(w4, name)(cfg)  # type: ignore[no-any-return]
+
+    return run
+
+
 WORKLOADS: dict[str, Callable[[Config], list[Row]]] = {
     "W1a": run_w1a,
     "W1b": run_w1b,
     "W3a": run_w3a,
     "W3b": run_w3b,
+    "W4": _w4("run_w4"),
+    "W2": _w4("run_w2"),
+    "W5": _w4("run_w5"),
+    "async": _w4("run_async"),
 }
 WATCHDOG_S = {True: 90.0, False: 900.0}  # per workload: a hung engine dumps stacks and exits
 
@@ -34,14 +52,15 @@ WATCHDOG_S = {True: 90.0, False: 900.0}  # per workload: a hung engine dumps sta
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
-        description="actorflow vs a plain loop, raw pykka and dask, measured in the same run.",
+        description="actorflow vs a plain loop and peers (raw pykka, dask, ProcessPoolExecutor, "
+        "bytewax), measured in the same run.",
     )
     parser.add_argument(
         "--only",
         default="",
         help=f"comma-separated workloads to run (default: all of {','.join(WORKLOADS)})",
     )
-    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run (< 30 s)")
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run (< 40 s)")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed, too")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
     args = parser.parse_args(argv)
@@ -64,7 +83,7 @@ def _version(dist: str) -> str:
 
 
 def _header(cfg: Config) -> str:
-    versions = ", ".join(f"{d} {_version(d)}" for d in ("actorflow", "pykka", "dask"))
+    versions = ", ".join(f"{d} {_version(d)}" for d in ("actorflow", "pykka", "dask", "bytewax"))
     mode = "quick (smoke run, small sizes)" if cfg.quick else "full"
     return (
         f"actorflow bench - {mode}\n"
@@ -84,7 +103,8 @@ def _load() -> str:
 LEGEND = """\
 Columns: medians unless the metric says otherwise; "af vs X" = actorflow's speed
 relative to X (X's time / actorflow's time, or actorflow's items/s / X's items/s):
-> 1 means actorflow is faster, 0.5x means half as fast. n/a: peer not available;
+> 1 means actorflow is faster, 0.5x means half as fast; for memory rows (MB) it is
+X's memory / actorflow's: > 1 means actorflow uses less. n/a: peer not available;
 ERROR: the measurement raised (traceback on stderr)."""
 
 
@@ -124,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows.extend(WORKLOADS[name](cfg))
         finally:
             faulthandler.cancel_dump_traceback_later()
-        print(f" {time.perf_counter() - t0:.1f} s", flush=True)
+        print(f" {time.perf_counter() - t0:.1f} s ({_load()})", flush=True)
     print()
     print(render_table(rows))
     print()

@@ -1,14 +1,16 @@
-"""Peers: the plain-loop limit, raw pykka actors wired with ``tell``, dask.
+"""Peers: the plain-loop limit, raw pykka actors wired with ``tell``, dask, asyncio, bytewax.
 
-These implementations call the same raw functions (``bench.workloads``) as the
-actorflow runs. dask is optional: :func:`dask_get` returns ``None`` when it is
-not importable, and callers print "n/a".
+These implementations call the same raw functions (``bench.workloads``, ``bench.w4``)
+as the actorflow runs. dask and bytewax are optional: :func:`dask_get` returns
+``None`` and :func:`bytewax_available` ``False`` when they are not importable, and
+callers print "n/a". ``concurrent.futures.ProcessPoolExecutor`` is used directly in
+``bench.w4``.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import pykka
@@ -172,6 +174,28 @@ class _DagNode(pykka.ThreadingActor):
             self.sink(out)
 
 
+def pykka_start_dag(
+    spec: dict[str, tuple[Callable[..., Any], list[str]]],
+    make_sink: Callable[[str], Callable[[Any], None]] | None = None,
+) -> dict[str, pykka.ActorRef[Any]]:
+    """Start one ThreadingActor per node of ``spec``, wired with ``tell``; nothing sent yet.
+
+    ``spec`` is ``{name: (fn, depends_on)}`` in topological order; the nodes nothing
+    depends on call ``make_sink(name)(value)``. Stop them with :func:`stop_all`.
+    """
+    downstream: dict[str, list[tuple[str, int]]] = {name: [] for name in spec}
+    for name, (_fn, deps) in spec.items():
+        for port, dep in enumerate(deps):
+            downstream[dep].append((name, port))
+    refs: dict[str, pykka.ActorRef[Any]] = {}
+    for name in reversed(spec):  # downstream first, so refs exist when wiring
+        fn, deps = spec[name]
+        ds = [(refs[d], port) for d, port in downstream[name]]
+        sink = make_sink(name) if make_sink is not None and not ds else None
+        refs[name] = _DagNode.start(fn, len(deps), ds, sink)
+    return refs
+
+
 def pykka_run_dag(
     spec: dict[str, tuple[Callable[..., Any], list[str]]],
     args: tuple[Any, ...] = (),
@@ -182,11 +206,8 @@ def pykka_run_dag(
     ``spec`` is ``{name: (fn, depends_on)}`` in topological order. Roots get
     ``args``; returns the outputs of the nodes nothing depends on.
     """
-    downstream: dict[str, list[tuple[str, int]]] = {name: [] for name in spec}
-    for name, (_fn, deps) in spec.items():
-        for port, dep in enumerate(deps):
-            downstream[dep].append((name, port))
-    outputs = [name for name, ds in downstream.items() if not ds]
+    depended = {dep for _fn, deps in spec.values() for dep in deps}
+    outputs = [name for name in spec if name not in depended]
     results: dict[str, Any] = {}
     lock = threading.Lock()
     done = threading.Event()
@@ -200,12 +221,7 @@ def pykka_run_dag(
 
         return sink
 
-    refs: dict[str, pykka.ActorRef[Any]] = {}
-    for name in reversed(spec):  # downstream first, so refs exist when wiring
-        fn, deps = spec[name]
-        ds = [(refs[d], port) for d, port in downstream[name]]
-        sink = make_sink(name) if name in outputs else None
-        refs[name] = _DagNode.start(fn, len(deps), ds, sink)
+    refs = pykka_start_dag(spec, make_sink)
     try:
         for name, (_fn, deps) in spec.items():
             if not deps:
@@ -215,6 +231,59 @@ def pykka_run_dag(
     finally:
         stop_all(refs.values())
     return results
+
+
+# ---------------------------------------------------------------------- asyncio
+
+
+def asyncio_gather_limited(
+    fn: Callable[[Any], Awaitable[Any]], items: Sequence[Any], limit: int
+) -> list[Any]:
+    """Plain asyncio: ``fn`` over every item, at most ``limit`` awaits in flight."""
+    import asyncio
+
+    async def main() -> list[Any]:
+        sem = asyncio.Semaphore(limit)
+
+        async def one(x: Any) -> Any:
+            async with sem:
+                return await fn(x)
+
+        return await asyncio.gather(*(one(x) for x in items))
+
+    return asyncio.run(main())
+
+
+# ---------------------------------------------------------------------- bytewax
+
+
+def bytewax_available() -> bool:
+    try:
+        import bytewax.operators  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def bytewax_map_filter(
+    lines: Sequence[Any], parse: Callable[[Any], Any], keep: Callable[[Any], Any]
+) -> list[Any]:
+    """bytewax (one worker, ``run_main``): input -> map(parse) -> filter_map(keep) -> list.
+
+    ``keep`` returns ``None`` for a dropped record (bytewax's ``filter_map``).
+    """
+    import bytewax.operators as op
+    from bytewax.dataflow import Dataflow
+    from bytewax.testing import TestingSink, TestingSource, run_main
+
+    out: list[Any] = []
+    flow = Dataflow("w2")
+    stream = op.input("lines", flow, TestingSource(lines))
+    parsed = op.map("parse", stream, parse)
+    kept = op.filter_map("keep", parsed, keep)
+    op.output("out", kept, TestingSink(out))
+    run_main(flow)
+    return out
 
 
 # ------------------------------------------------------------------------ dask

@@ -143,6 +143,83 @@ def run_w3b_plain(n: int) -> dict[str, Any]:
     return final(rep, level_4(level_3(level_2(level_1(agg)))))
 
 
+# --------------------------------------------------------------------------- W4
+W4_TASKS = 8
+
+
+def crunch(i: int, size: int) -> int:
+    """W4: chunk ``i`` of pure-Python CPU work (Collatz steps over ``size`` integers).
+
+    Holds the GIL all the time; the run time grows linearly with ``size``.
+    """
+    lo = 1 + i * size
+    steps = 0
+    for n in range(lo, lo + size):
+        x = n
+        while x != 1:
+            x = x // 2 if x % 2 == 0 else 3 * x + 1
+            steps += 1
+    return steps
+
+
+def crunch_all(size: int, n: int = W4_TASKS) -> list[int]:
+    """W4 sequentially: the same function ``n`` times in a loop (the baseline)."""
+    return [crunch(i, size) for i in range(n)]
+
+
+# --------------------------------------------------------------------------- W2
+W2_KEPT = frozenset({"WARN", "ERROR"})
+W2_SERVICES = tuple(f"svc-{i:02d}" for i in range(20))
+W2_MESSAGES = (
+    "request served",
+    "cache miss",
+    "upstream slow",
+    "retrying connection",
+    "payload rejected",
+    "user logged in",
+)
+
+
+def make_log_lines(n: int, seed: int = 2024) -> list[str]:
+    """``n`` deterministic JSON log lines; about 20% are WARN or ERROR.
+
+    Fields: ts (float seconds), level, service (20 values), latency_ms (int), msg.
+    """
+    import json
+    import random
+
+    rng = random.Random(seed)
+    dumps = json.dumps
+    lines = []
+    ts = 1_700_000_000.0
+    for _ in range(n):
+        ts += rng.random() * 0.01
+        r = rng.random()
+        level = "ERROR" if r < 0.05 else "WARN" if r < 0.20 else "INFO" if r < 0.9 else "DEBUG"
+        lines.append(
+            dumps(
+                {
+                    "ts": round(ts, 3),
+                    "level": level,
+                    "service": W2_SERVICES[rng.randrange(len(W2_SERVICES))],
+                    "latency_ms": rng.randrange(1, 2_000),
+                    "msg": W2_MESSAGES[rng.randrange(len(W2_MESSAGES))],
+                }
+            )
+        )
+    return lines
+
+
+def tally(acc: dict[str, list[int]], rec: dict[str, Any]) -> None:
+    """W2 aggregation, in the caller: per service ``[count, sum of latency_ms]``."""
+    slot = acc.get(rec["service"])
+    if slot is None:
+        acc[rec["service"]] = [1, rec["latency_ms"]]
+    else:
+        slot[0] += 1
+        slot[1] += rec["latency_ms"]
+
+
 # ------------------------------------------------------------ actorflow builders
 def fresh_copy(fn: Callable[..., Any]) -> Callable[..., Any]:
     """A new function object sharing ``fn``'s code: decorating it leaves ``fn`` raw."""
@@ -198,3 +275,34 @@ def build_w3b_flow(af: Any) -> Any:
         return t["final"](rep, lvl)
 
     return af.flow(w3b)
+
+
+def build_w4_flow(af: Any, n: int = W4_TASKS) -> Any:
+    """``@af.flow`` of ``n`` independent process-task nodes ``crunch(i, size)``."""
+    crunch_t = af.task(fresh_copy(crunch), executor="process")
+
+    def w4(size):
+        return [crunch_t(i, size) for i in range(n)]
+
+    return af.flow(w4)
+
+
+def build_w4_map_flow(af: Any) -> Any:
+    """``@af.flow`` of ONE process-task node ``crunch(i, size)`` with ``workers=2``."""
+    crunch_t = af.task(fresh_copy(crunch), executor="process", workers=2)
+
+    def w4_one(i, size):
+        return crunch_t(i, size)
+
+    return af.flow(w4_one)
+
+
+def build_w5_graph(af: Any, n: int) -> Any:
+    """``af.Graph("w5")``: one source feeding ``n`` independent thread nodes."""
+    source_t = af.task(fresh_copy(source))
+    work_t = af.task(fresh_copy(work))
+    g = af.Graph("w5")
+    g.add("source", source_t)
+    for name in w3a_names(n):
+        g.add(name, work_t, depends_on=["source"])
+    return g

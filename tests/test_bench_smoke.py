@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-WORKLOADS = ("W1a", "W1b", "W3a", "W3b")
+WORKLOADS = ("W1a", "W1b", "W3a", "W3b", "W4", "W2", "W5", "async")
 
 
 @pytest.mark.slow
