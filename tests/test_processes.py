@@ -160,7 +160,24 @@ def exit_on_three(x: int) -> int:
 def sleep_then_return(x: Any) -> Any:
     if x == "hang":
         time.sleep(3600)
+    elif isinstance(x, float):
+        time.sleep(x)
     return x
+
+
+def _rebuild_slowly(seconds: float) -> SlowToLoad:
+    time.sleep(seconds)
+    return SlowToLoad(seconds)
+
+
+class SlowToLoad:
+    """Captured by a chain, it makes loading that chain in a worker take ``seconds``."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_slowly, (self.seconds,))
 
 
 def ignore_sigterm_and_hang(x: Any) -> Any:
@@ -175,6 +192,7 @@ def logged_slow(arg: tuple[str, int]) -> int:
     folder, i = arg
     with open(Path(folder) / f"ran-{i}", "a") as f:
         f.write(f"{os.getpid()}\n")
+    (Path(folder) / f"started-{i}").touch()  # after the pid is written
     time.sleep(0.15)
     return i
 
@@ -344,7 +362,7 @@ def test_worker_killed_mid_batch_keeps_returned_results_and_resends_the_rest(
     result: list[Any] = []
     caller = threading.Thread(target=lambda: result.extend(solo.call_batch("logged", items)))
     caller.start()
-    wait_until(lambda: (tmp_path / "ran-3").exists())
+    wait_until(lambda: (tmp_path / "started-3").exists())
     victim = int((tmp_path / "ran-3").read_text().split()[0])
     os.kill(victim, signal.SIGKILL)
     caller.join(timeout=30)
@@ -373,6 +391,18 @@ def test_worker_killed_while_idle_is_restarted_on_next_use(
     assert after["pid"] == out.value
     assert after["restarts"] == 1
     assert events.named("worker_died")[0]["pid"] == before["pid"]
+
+
+def test_worker_killed_just_before_a_batch_is_sent_does_not_blame_the_item(
+    solo: ProcessPool,
+) -> None:
+    solo.register("pid", [pid_of])
+    for _ in range(5):  # no wait: the death may be noticed before, during or after the send
+        (victim,) = values(solo.call_batch("pid", [None]))
+        os.kill(victim, signal.SIGKILL)
+        (out,) = solo.call_batch("pid", [None])
+        assert isinstance(out, Ok)
+        assert out.value != victim
 
 
 def test_item_over_its_timeout_kills_and_restarts_the_worker(
@@ -408,8 +438,38 @@ def test_timeout_escalates_to_sigkill_when_the_worker_ignores_sigterm(solo: Proc
 
 def test_items_within_their_timeout_are_not_killed(solo: ProcessPool) -> None:
     solo.register("sleepy", [sleep_then_return])
-    # each item is far below the timeout, the batch as a whole far above it
-    assert values(solo.call_batch("sleepy", [0.02] * 10, timeout=0.2)) == [0.02] * 10
+    # each item is well below the timeout, the batch as a whole above it
+    assert values(solo.call_batch("sleepy", [0.04] * 12, timeout=0.3)) == [0.04] * 12
+
+
+def test_loading_code_does_not_count_against_an_item_timeout(solo: ProcessPool) -> None:
+    slow = SlowToLoad(0.6)
+    solo.register("slow_load", [lambda x: x if slow else None])
+    assert values(solo.call_batch("slow_load", [1, 2], timeout=0.3)) == [1, 2]
+
+
+def test_item_hanging_right_after_a_slow_load_still_times_out_on_time(solo: ProcessPool) -> None:
+    slow = SlowToLoad(0.6)
+    solo.register("slow_then_hang", [lambda x: sleep_then_return(x) if slow else None])
+    t0 = time.monotonic()
+    outs = solo.call_batch("slow_then_hang", ["hang", 1], timeout=0.3)
+    assert isinstance(outs[0], Timeout)
+    assert outs[1] == Ok(1)
+    assert time.monotonic() - t0 < 5.0  # not the 30 s allowed for loading
+
+
+def test_loading_that_hangs_times_out_every_item(
+    solo: ProcessPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from actorflow.runtime import processes
+
+    monkeypatch.setattr(processes, "_LOAD_GRACE_S", 0.5)
+    stuck = SlowToLoad(3600)
+    solo.register("stuck", [lambda x: x if stuck else None])
+    t0 = time.monotonic()
+    outs = solo.call_batch("stuck", [1, 2], timeout=0.1)
+    assert all(isinstance(o, Timeout) for o in outs)
+    assert time.monotonic() - t0 < 5.0
 
 
 # --------------------------------------------------------------------------- keyed instances
@@ -449,6 +509,23 @@ def timed_spin(n: int) -> tuple[int, float, float]:
     return os.getpid(), t0, time.monotonic()
 
 
+def _cpu_seconds_of_others() -> float:
+    """CPU seconds used so far by every process except this one and its descendants."""
+    total = psutil.cpu_times()
+    busy = sum(
+        getattr(total, f, 0.0) for f in ("user", "nice", "system", "irq", "softirq", "steal")
+    )
+    ours = 0.0
+    me = psutil.Process()
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+        except psutil.Error:
+            continue
+        ours += t.user + t.system
+    return float(busy - ours)
+
+
 def _speedup(pool: ProcessPool, n: int) -> tuple[float, float, list[tuple[int, float, float]]]:
     t0 = time.perf_counter()
     for _ in range(8):
@@ -472,6 +549,7 @@ def test_cpu_bound_calls_run_in_parallel_on_two_workers(pool: ProcessPool) -> No
         list(ex.map(lambda _: pool.call_batch("spin", [1]), range(4)))
 
     best = 0.0
+    others0, wall0 = _cpu_seconds_of_others(), time.perf_counter()
     for _ in range(3):  # wall-clock ratios are at the mercy of other load on the machine
         sequential, parallel, runs = _speedup(pool, n)
         assert len({pid for pid, _, _ in runs}) == 2
@@ -484,9 +562,10 @@ def test_cpu_bound_calls_run_in_parallel_on_two_workers(pool: ProcessPool) -> No
         best = max(best, speedup)
         if best > 1.5:
             return
-    load = os.getloadavg()[0]
-    if load > (os.cpu_count() or 1):
-        pytest.skip(f"best speedup x{best:.2f}, but the machine is loaded (load average {load})")
+    capacity = (time.perf_counter() - wall0) * (os.cpu_count() or 1)
+    others = (_cpu_seconds_of_others() - others0) / capacity
+    if others > 0.15:  # other programs took the cores the second worker needed
+        pytest.skip(f"best speedup x{best:.2f}; other processes used {others:.0%} of the CPUs")
     assert best > 1.5
 
 
@@ -558,7 +637,7 @@ def test_graceful_shutdown_waits_for_calls_in_flight(solo: ProcessPool, tmp_path
         target=lambda: result.extend(solo.call_batch("logged", [(str(tmp_path), 0)]))
     )
     caller.start()
-    wait_until(lambda: (tmp_path / "ran-0").exists())
+    wait_until(lambda: (tmp_path / "started-0").exists())
     solo.shutdown()
     caller.join()
     assert values(result) == [0]

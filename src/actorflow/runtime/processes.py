@@ -25,8 +25,9 @@ Outcomes, one per item, in order:
   pickled or unpickled, or the chain could not be loaded in the worker). A result
   that cannot be pickled fails only its own item, with ``error_type ==
   "PicklingError"``.
-- ``Crashed(description, exitcode, pid)``: the item killed a worker while alone in
-  its batch (``os._exit``, a segfault, the OOM killer, SIGKILL).
+- ``Crashed(description, exitcode, pid, alone)``: the item killed a worker while
+  alone in its batch (``os._exit``, a segfault, the OOM killer, SIGKILL). Only if
+  workers keep dying during start-up (``alone=False``) is the item not to blame.
 - ``Timeout(seconds, pid)``: the item was still running ``timeout`` seconds after
   it started; its worker was killed (SIGTERM, then SIGKILL after a grace period).
 
@@ -67,12 +68,18 @@ its next use (at once if items of the batch remain).
 re-sent ONE AT A TIME, in order, on the restarted worker of the same slot. Only an
 item that kills a worker while alone gets ``Crashed``; the others complete normally.
 The pool does not retry a ``Crashed`` item: charging attempts is the caller's job.
+A worker whose progress record shows it never started the batch (it died during
+start-up, or was killed while idle just before the batch was sent) blames no item:
+the batch is sent again whole, up to three times in a row.
 
 *Timeouts.* Before each item the worker writes ``(batch_id, position,
 start_time)`` into shared memory (three doubles, no message). The waiting thread
-sleeps in ``wait`` until the running item's deadline, then kills the worker only if
-the same item (same record) is still running. The other unreturned items of the
-batch are re-sent together (they are not suspects).
+sleeps in ``wait`` until the running item's deadline (re-reading the record at least
+once per ``timeout``), then kills the worker only if the same item (same record) is
+still running. The other unreturned items of the batch are re-sent together (they
+are not suspects). Loading a chain in a worker (unpickling, imports) is not charged
+to an item: it may take up to ``max(timeout, 30 s)``; a load that hangs longer gives
+every item of the batch ``Timeout``.
 
 *Keyed instances.* ``register_instances(key, cls, n)``: instance ``i`` is created
 with ``cls()`` in worker ``i % processes`` on first use and keeps its state across
@@ -93,10 +100,14 @@ its whole duration, re-sends included, so there is no hold-and-wait).
 ``_proc_lock`` serialises every operation on ``multiprocessing.Process`` objects
 (start, poll, join, signals), which multiprocessing does not make thread-safe.
 
-Limits: a task that runs in a worker and is killed may have run partially (side
-effects happen at least once); results finished less than ``_FLUSH_INTERVAL_S``
-before a death are lost and recomputed. Functions are pickled by reference when
-their module is importable, so that module must import in the worker too.
+Limits: POSIX only (signals, fd passing). A task that runs in a worker and is killed
+may have run partially (side effects happen at least once); results finished less
+than ``_FLUSH_INTERVAL_S`` before a death are lost and recomputed. Functions are
+pickled by reference when their module is importable, so that module must import in
+the worker too; workers import the main module (``if __name__ == "__main__":``).
+Output goes to the parent's stdout / stderr *descriptors* as they were when the
+worker started (``capsys``-style Python-level redirection does not reach workers);
+``logging`` records of tasks stay in the worker (its default stderr handler).
 """
 
 from __future__ import annotations
@@ -117,10 +128,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing import reduction
 from multiprocessing.connection import Connection, wait
-from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
 from multiprocessing.sharedctypes import RawArray
-from typing import Any, Final, Literal, TypeAlias
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias
 
 import cloudpickle
 import psutil
@@ -135,6 +145,9 @@ from actorflow.errors import (
     safe_repr,
 )
 from actorflow.observe.log import EventLog
+
+if TYPE_CHECKING:
+    from multiprocessing.context import ForkServerContext, SpawnContext
 
 __all__ = [
     "Crashed",
@@ -345,8 +358,10 @@ class Err:
 class Crashed:
     """This item killed a worker process while it was alone in its batch.
 
-    ``description`` says how (``"killed by signal SIGKILL"``, ``"exited with code
+    ``description`` says how (``"was killed by SIGKILL"``, ``"exited with code
     3"``); ``exitcode`` is the process exit code (negative: the signal number).
+    ``alone`` is ``False`` in the one case where the item is not to blame: worker
+    processes kept dying during start-up, before they could run anything.
 
     Example::
 
@@ -358,6 +373,7 @@ class Crashed:
     description: str
     exitcode: int | None
     pid: int | None
+    alone: bool = True
 
     def to_failure(
         self,
@@ -374,11 +390,12 @@ class Crashed:
 
             failure = crashed.to_failure(task="native", item_id=3, run_id="r1")
         """
-        message = (
-            f"worker process {self.pid} {self.description} while running this item alone; "
-            "the item kills the process that runs it (os._exit, a crash in native code, "
-            "or out of memory)"
-        )
+        message = f"worker process {self.pid} {self.description}"
+        if self.alone:
+            message += (
+                " while running this item alone: the item kills the process that runs it "
+                "(os._exit, a crash in native code, or out of memory)"
+            )
         return _synthetic_failure(
             WorkerCrashed(message), task, item_id, run_id, attempt, inputs, self.pid
         )
@@ -807,7 +824,7 @@ def _describe_exit(exitcode: int | None) -> str:
     return f"exited with code {exitcode}"
 
 
-def _resolve_context(start_method: str | None) -> BaseContext:
+def _resolve_context(start_method: str | None) -> ForkServerContext | SpawnContext:
     methods = multiprocessing.get_all_start_methods()
     if start_method is None:
         start_method = "forkserver" if "forkserver" in methods else "spawn"
@@ -821,9 +838,10 @@ def _resolve_context(start_method: str | None) -> BaseContext:
             f"start method {start_method!r} is not available on this platform; "
             f"available: {', '.join(methods)}"
         )
-    ctx = multiprocessing.get_context(start_method)
-    if start_method == "forkserver":
-        ctx.set_forkserver_preload(["actorflow"])
+    if start_method == "spawn":
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["actorflow"])  # interpreter-wide; effective until it starts
     return ctx
 
 
@@ -1068,8 +1086,7 @@ class ProcessPool:
                 raise
             finally:
                 self._release(slot)
-        assert all(o is not None for o in outcomes)
-        return outcomes  # type: ignore[return-value]
+        return [_present(o) for o in outcomes]
 
     @staticmethod
     def _encode_items(items: Sequence[Any], outcomes: list[Outcome | None]) -> list[bytes | None]:
@@ -1123,9 +1140,12 @@ class ProcessPool:
                     continue
                 for i in left:
                     outcomes[i] = Crashed(
-                        f"could not be started or died before reading its batch ({ex.description})",
+                        f"{ex.description} before it could run anything; its stderr says why "
+                        "(a script that runs flows at import time needs an "
+                        "`if __name__ == '__main__':` guard: workers import the main module)",
                         ex.exitcode,
                         ex.pid,
+                        alone=False,
                     )
             elif ex.fate == "timeout" and ex.position == _LOADING:
                 for i in left:  # loading the code hung: every item would hang the same way
@@ -1181,29 +1201,29 @@ class ProcessPool:
         try:
             slot.to_worker.send_bytes(message)
         except OSError:
-            ex = self._lost(slot, done, in_flight=n)
-            ex.fate = "undelivered"
-            return ex
+            return self._lost(slot, done, in_flight=n, batch_id=batch_id)
         last_stage = target.code.stages - 1
         while len(done) < n:
             record = None
             wait_s = None
             if timeout is not None:
                 record = self._running(slot, batch_id, n, done)
-                wait_s = (
-                    timeout if record is None else max(0.0, _deadline(record, timeout) - _now())
-                )
+                # look again at least once per `timeout`: the worker moves from loading
+                # (long deadline) to its first item without telling us
+                wait_s = timeout
+                if record is not None:
+                    wait_s = min(timeout, max(0.0, _deadline(record, timeout) - _now()))
             ready = wait([conn, sentinel], wait_s)
             if conn in ready:
                 if not self._receive(slot, conn, batch_id, done, last_stage):
-                    return self._lost(slot, done, in_flight=n - len(done))
+                    return self._lost(slot, done, in_flight=n - len(done), batch_id=batch_id)
                 continue
             if sentinel in ready:
                 while self._poll(conn) and self._receive(slot, conn, batch_id, done, last_stage):
                     pass
                 if len(done) == n:
                     break  # everything arrived: the death is noticed on next use
-                return self._lost(slot, done, in_flight=n - len(done))
+                return self._lost(slot, done, in_flight=n - len(done), batch_id=batch_id)
             if record is not None and timeout is not None:
                 again = self._running(slot, batch_id, n, done)
                 if again == record and _now() >= _deadline(record, timeout):
@@ -1349,7 +1369,7 @@ class ProcessPool:
             self._lost(slot, {}, in_flight=0)  # died while idle: reap, report, replace
         inbox, to_worker = self._ctx.Pipe(duplex=False)
         from_worker, outbox = self._ctx.Pipe(duplex=False)
-        process = self._ctx.Process(  # type: ignore[attr-defined]
+        process = self._ctx.Process(
             target=_worker_main,
             args=(inbox, outbox, slot.progress, _stdio_handles()),
             name=f"actorflow-{self.name}-worker-{slot.index}",
@@ -1389,11 +1409,27 @@ class ProcessPool:
                 "start-up; its stderr says why (is actorflow importable there?)"
             )
 
-    def _lost(self, slot: _Slot, done: dict[int, Outcome], *, in_flight: int) -> _Exchange:
-        """The worker died: reap it, report it, clear the slot (restarted on next use)."""
+    def _lost(
+        self,
+        slot: _Slot,
+        done: dict[int, Outcome],
+        *,
+        in_flight: int,
+        batch_id: int | None = None,
+    ) -> _Exchange:
+        """The worker died: reap it, report it, clear the slot (restarted on next use).
+
+        The fate is ``"died"`` only if the worker had started ``batch_id`` (its progress
+        record says so); a worker that died before (at start-up, or killed while idle
+        just before the batch was sent) died of no item: ``"undelivered"``.
+        """
         pid = slot.pid
+        started = slot.ready  # a worker that never said hello died of no item
+        reached = batch_id is not None and int(slot.progress[0]) == batch_id
         exitcode = self._reap(slot, wait_s=self._stop_grace)
         description = _describe_exit(exitcode)
+        if not started:
+            description += " during start-up"
         if not self._killed:
             self._log.warning(
                 "worker_died", worker=slot.index, pid=pid, exitcode=exitcode, in_flight=in_flight
@@ -1407,7 +1443,8 @@ class ProcessPool:
                 in_flight=in_flight,
             )
         self._forget(slot, pid, f"worker process {description}")
-        return _Exchange(done, "died", -1, description, exitcode, pid)
+        fate: Literal["died", "undelivered"] = "died" if started and reached else "undelivered"
+        return _Exchange(done, fate, -1, description, exitcode, pid)
 
     def _time_out(
         self, slot: _Slot, done: dict[int, Outcome], position: int, timeout: float
@@ -1572,6 +1609,11 @@ class ProcessPool:
             for slot in self._slots:
                 self._stop(slot, kill=kill, reason="shutdown")
             self._finalizer()
+
+
+def _present(outcome: Outcome | None) -> Outcome:
+    assert outcome is not None, "every item gets an outcome"
+    return outcome
 
 
 def _now() -> float:
