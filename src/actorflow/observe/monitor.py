@@ -184,6 +184,7 @@ class ResourceMonitor:
     _io_last: dict[Any, tuple[int, int]]
     _io_done: tuple[int, int]
     _fast_children: bool  # list children through /proc/<pid>/task/<tid>/children (Linux)
+    _baseline_pids: set[int]  # descendants alive when the block began (not counted)
     # Store state: the monitor thread while it runs, __exit__ after it was joined.
     _pending: list[_Sample]
     _store_failure: sqlite3.Error | None
@@ -231,7 +232,10 @@ class ResourceMonitor:
         Keys: ``name``, ``elapsed_s``, ``samples``, ``peak_rss_mb``,
         ``avg_rss_mb``, ``last_rss_mb``, ``cpu_percent_avg``,
         ``cpu_percent_max`` (0-100 for the whole machine), ``read_bytes``,
-        ``write_bytes`` (since the start), ``max_threads``, ``max_children``,
+        ``write_bytes`` (since the start), ``max_threads``, ``max_children``
+        (processes started during the block; descendants alive before it, such
+        as multiprocessing's interpreter-wide forkserver, are measured in RSS
+        and CPU but not counted),
         ``started_at`` / ``ended_at`` (unix time; ``ended_at`` is None while
         running), ``running``, ``io_available``, ``skipped_samples``,
         ``cpu_count``, ``interval``. Before the first ``with`` every figure is 0.
@@ -368,6 +372,7 @@ class ResourceMonitor:
         self._io_last = {}  # counters at the last sample
         self._io_done = (0, 0)  # IO of children that have exited, as last seen
         self._fast_children = False
+        self._baseline_pids = set()
 
     def _prime(self) -> None:
         """Take the baselines: cpu_percent's first call, IO counters of existing processes."""
@@ -377,6 +382,10 @@ class ResourceMonitor:
         pid = self._proc.pid
         self._fast_children = os.path.exists(f"/proc/{pid}/task/{pid}/children")
         existing = self._list_children()
+        # descendants alive before the block (multiprocessing's interpreter-wide
+        # forkserver and resource tracker, say) are measured but not counted as
+        # children of the work
+        self._baseline_pids = {child.pid for child in existing}
         for child in existing:
             try:
                 child.cpu_percent(None)
@@ -451,7 +460,7 @@ class ResourceMonitor:
             read_bytes,
             write_bytes,
             threads,
-            len(alive),
+            sum(1 for proc in alive if proc.pid not in self._baseline_pids),
         )
 
     def _list_children(self) -> list[Any]:
