@@ -685,17 +685,7 @@ class Segment:
         else:
             exc, type_name, message = TaskTimeout(str(outcome.seconds)), "TaskTimeout", ""
         if _remote_retryable(t, exc, type_name, attempt):
-            stats.retried += 1
-            delay = t.backoff.jittered(attempt)
-            self.ctx.log.warning(
-                "task_retried",
-                task=node.name,
-                item_id=item,
-                attempt=attempt,
-                delay_s=round(delay, 6),
-                error_type=type_name,
-                error_message=message,
-            )
+            delay = self._note_retry(k, item, attempt, type_name, message)
             with self.lock:
                 self.retrying += 1
             self.ctx.call_later(delay, self._retry, item, _Resume(0, v_in, attempt + 1, pin))
@@ -783,17 +773,7 @@ class Segment:
                 stats.sample(time.perf_counter() - t0)
             except Exception as exc:
                 if t.retryable(exc, attempt):
-                    stats.retried += 1
-                    delay = t.backoff.jittered(attempt)
-                    self.ctx.log.warning(
-                        "task_retried",
-                        task=node.name,
-                        item_id=item,
-                        attempt=attempt,
-                        delay_s=round(delay, 6),
-                        error_type=type(exc).__name__,
-                        error_message=_message(exc),
-                    )
+                    delay = self._note_retry(0, item, attempt, type(exc).__name__, _message(exc))
                     attempt += 1
                     await asyncio.sleep(delay)
                     continue
@@ -963,17 +943,7 @@ class Segment:
             stats.failed += 1
             return Failed(tuple(exc.failures))
         if t.retryable(exc, attempt):
-            stats.retried += 1
-            delay = t.backoff.jittered(attempt)
-            ctx.log.warning(
-                "task_retried",
-                task=node.name,
-                item_id=item,
-                attempt=attempt,
-                delay_s=round(delay, 6),
-                error_type=type(exc).__name__,
-                error_message=_message(exc),
-            )
+            delay = self._note_retry(k, item, attempt, type(exc).__name__, _message(exc))
             with self.lock:
                 self.retrying += 1
             ctx.call_later(delay, self._retry, item, _Resume(k, v_in, attempt + 1, pin))
@@ -993,6 +963,22 @@ class Segment:
         )
         ctx.on_task_failed(failure)
         return Failed((failure,))
+
+    def _note_retry(self, k: int, item: Any, attempt: int, error_type: str, message: str) -> float:
+        """Count and log a retry of node ``k``; return the backoff delay to wait."""
+        node = self.nodes[k]
+        self.stats[k].retried += 1
+        delay = node.spec.task.backoff.jittered(attempt)
+        self.ctx.log.warning(
+            "task_retried",
+            task=node.name,
+            item_id=item,
+            attempt=attempt,
+            delay_s=round(delay, 6),
+            error_type=error_type,
+            error_message=message,
+        )
+        return delay
 
     def _retry(self, item: Any, resume: _Resume) -> None:
         """Timer callback: the item's next attempt re-enters this segment's work queue."""
