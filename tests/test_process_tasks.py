@@ -265,3 +265,22 @@ def test_indexing_a_node_with_one_input_passes_the_element_whole() -> None:
         return ident(pairs()[0])
 
     assert first.run() == (1, 2)
+
+
+@af.task(executor="process")
+def whoami(x: int) -> int:
+    return os.getpid()
+
+
+@af.flow
+def pids(x: int) -> Any:
+    return whoami(x)
+
+
+def test_workers_are_recycled_after_max_tasks_per_worker() -> None:
+    with pids.start(processes=1, max_tasks_per_worker=3) as running:
+        seen = [running.submit(i).result(60) for i in range(7)]
+    # one item per batch: a fresh worker after every third item
+    assert len(set(seen)) == 3
+    assert seen[0] == seen[1] == seen[2]
+    assert seen[3] != seen[0]

@@ -450,6 +450,8 @@ class Flow(Generic[P, R]):
         max_in_flight: int = 1024,
         run_id: str | None = None,
         processes: int | None = None,
+        max_tasks_per_worker: int | None = None,
+        max_worker_rss_mb: float | None = None,
         **opts: Any,
     ) -> RunningFlow:
         """Start the flow as a long-lived graph; use it as a context manager.
@@ -461,7 +463,12 @@ class Flow(Generic[P, R]):
                 for out in running.map(urls): ...
         """
         return self.graph.start(
-            max_in_flight=max_in_flight, run_id=run_id, processes=processes, **opts
+            max_in_flight=max_in_flight,
+            run_id=run_id,
+            processes=processes,
+            max_tasks_per_worker=max_tasks_per_worker,
+            max_worker_rss_mb=max_worker_rss_mb,
+            **opts,
         )
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:

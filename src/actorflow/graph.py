@@ -326,9 +326,16 @@ class Graph:
         max_in_flight: int = 1024,
         run_id: str | None = None,
         processes: int | None = None,
+        max_tasks_per_worker: int | None = None,
+        max_worker_rss_mb: float | None = None,
         **opts: Any,
     ) -> RunningFlow:
         """Start the graph as a long-lived running flow (a context manager).
+
+        ``processes``: size of the run's worker-process pool (process tasks).
+        ``max_tasks_per_worker`` / ``max_worker_rss_mb``: recycle a worker
+        process (between batches) after that many items, or once its resident
+        memory exceeds that many MB.
 
         Example::
 
@@ -339,7 +346,14 @@ class Graph:
         from actorflow.runtime.running import RunningFlow
 
         _refuse_later_options(opts)
-        return RunningFlow(self, max_in_flight=max_in_flight, run_id=run_id, processes=processes)
+        return RunningFlow(
+            self,
+            max_in_flight=max_in_flight,
+            run_id=run_id,
+            processes=processes,
+            max_tasks_per_worker=max_tasks_per_worker,
+            max_worker_rss_mb=max_worker_rss_mb,
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -219,6 +219,8 @@ class RunningFlow(RunContext):
         batch: bool = False,
         edge_capacity: int | None = None,
         processes: int | None = None,
+        max_tasks_per_worker: int | None = None,
+        max_worker_rss_mb: float | None = None,
     ) -> None:
         if not isinstance(max_in_flight, int) or max_in_flight < 1:
             raise ValueError(f"max_in_flight must be an int >= 1, got {max_in_flight!r}")
@@ -249,6 +251,8 @@ class RunningFlow(RunContext):
         self._loop: Any = None  # the run's asyncio loop (async tasks), started on first use
         self._processes: Any = None  # the run's ProcessPool (process tasks), on first use
         self._n_processes = processes
+        self._max_tasks_per_worker = max_tasks_per_worker
+        self._max_worker_rss_mb = max_worker_rss_mb
         self._loop_thread: threading.Thread | None = None
         self._supervision: Supervision = getattr(graph, "_supervision", None) or Supervision()
         self._restart_times: dict[int, deque[float]] = {}
@@ -647,6 +651,8 @@ class RunningFlow(RunContext):
                         self._n_processes or os.cpu_count() or 1,
                         name=self.run_id,
                         on_event=self._on_pool_event,
+                        max_tasks_per_worker=self._max_tasks_per_worker,
+                        max_worker_rss_mb=self._max_worker_rss_mb,
                     )
                 pool = self._processes
         return pool
