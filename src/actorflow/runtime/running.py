@@ -41,6 +41,7 @@ _EMPTY: dict[str, Any] = {}
 _MISSING = object()
 _FIRST_CHUNK = 1  # read-ahead chunks start small (first output soon) and double
 _MAX_CHUNK = 512
+_CAP_DIV = 2  # chunks of max_in_flight/2: fewer hand-offs (W1b: 0.51x -> 0.58x of the loop)
 
 
 @dataclass(frozen=True, slots=True)
@@ -424,7 +425,7 @@ class RunningFlow(RunContext):
         exhausted = False
         chunk = _FIRST_CHUNK
         limit = self.max_in_flight
-        cap = max(1, min(_MAX_CHUNK, limit // 4 or 1))
+        cap = max(1, min(_MAX_CHUNK, limit // _CAP_DIV or 1))
         cond = owner.cond
         try:
             while True:
