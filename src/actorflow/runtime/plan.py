@@ -19,7 +19,6 @@ Both build a node's arguments from the same binding template, so they agree.
 
 from __future__ import annotations
 
-import inspect
 import keyword
 import re
 from collections.abc import Callable
@@ -28,16 +27,9 @@ from typing import Any
 
 from actorflow._markers import SKIP
 from actorflow.errors import GraphError
-from actorflow.graph import INPUT, Binding, Gather, Graph, NodeSpec, Ref, _OutRef, _Validated
+from actorflow.graph import INPUT, Gather, Graph, NodeSpec, Ref, _OutRef, _Validated
 
 __all__ = ["NodePlan", "Plan", "SegmentPlan", "compile_plan"]
-
-
-class Omit:
-    """Raised while building arguments: a directly referenced input was skipped."""
-
-
-_OMIT = Omit()
 
 
 @dataclass(slots=True)
@@ -482,16 +474,3 @@ def describe(plan: Plan) -> str:
         fused = " (fused)" if len(seg.nodes) > 1 else ""
         lines.append(f"segment {seg.index}: {chain}{fused}, workers={seg.workers}")
     return "\n".join(lines)
-
-
-def signature_of(fn: Any) -> inspect.Signature | None:
-    """The signature of ``fn`` or None when it has none (builtins)."""
-    try:
-        return inspect.signature(fn)
-    except (TypeError, ValueError):
-        return None
-
-
-def binding_of(node: NodePlan) -> Binding:
-    """The node's binding (convenience for the careful path)."""
-    return node.spec.binding
