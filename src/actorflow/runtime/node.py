@@ -641,22 +641,25 @@ class Segment:
             else:
                 outcomes = pool.call_batch(key, send, timeout=t.timeout)
             self.stats[0].sample((time.perf_counter() - t0) / len(send))
-            n_nodes = len(self.nodes)
+            ok = skipped = 0  # counted per batch, not per item
             for j, v, attempt, oc in zip(send_at, send, attempts, outcomes, strict=True):
                 item = ids[j]
                 if type(oc) is pr.Ok:
                     value = oc.value
-                    for k in range(n_nodes):
-                        self.stats[k].done += 1
+                    ok += 1
                     if value is SKIP:
-                        self.stats[-1].done -= 1
-                        self.stats[-1].skipped += 1
+                        skipped += 1
                     out[j] = value
                     continue
                 k = max(0, oc.stage) if type(oc) is pr.Err else 0
                 for done_k in range(k):
                     self.stats[done_k].done += 1
                 out[j] = self._remote_error(k, item, v, oc, attempt, pin)
+            if ok:
+                for node_stats in self.stats:
+                    node_stats.done += ok
+                self.stats[-1].done -= skipped
+                self.stats[-1].skipped += skipped
         held = sum(1 for o in out if o is _PENDING)
         any_special = any(o is SKIP or type(o) is Failed for o in out)
         ids_out, out = self._without_held(ids, out, held)

@@ -44,7 +44,6 @@ class NodePlan:
     consts: dict[str, Any]
     call: Callable[[Any, Any], Any]  # call(f, v): the careful-path call, clean inputs
     is_class: bool
-    map_over: bool
     kind: str  # "task", "map" (af.map) or "exceptionally" (a failure handler)
     first_arg: Callable[[Any], Any] | None = None  # keyed tasks: what key= is applied to
 
@@ -240,7 +239,6 @@ def _node_plan(spec: NodeSpec) -> NodePlan:
         consts=consts,
         call=call,
         is_class=spec.task.is_class,
-        map_over=spec.binding.map_over,
         kind="map" if spec.binding.map_over else spec.kind,
         first_arg=_first_arg(spec, len(ports)) if spec.task.key is not None else None,
     )
