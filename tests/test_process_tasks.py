@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import threading
@@ -69,6 +70,53 @@ def test_a_process_task_failure_has_a_forensic_record_from_the_worker() -> None:
     assert failure.pid != os.getpid()
     assert failure.traceback.startswith("Traceback")
     assert failure.inputs == ("'{not json'",)
+
+
+def test_bad_lines_in_a_stream_fail_alone_at_the_right_stage_and_the_rest_flow() -> None:
+    lines = _lines(300)
+    bad = {7: "{not json", 150: json.dumps({"service": "s9"})}  # parse fails; no "level"
+    for i, line in bad.items():
+        lines[i] = line
+    with errors_by_service.start(processes=2) as running:
+        out = list(running.stream(lines))
+        dead = running.dead_letters()
+        m = running.metrics()
+    expected = [f"s{i % 3}" for i in range(300) if i % 4 == 0 and i not in bad]
+    assert sorted(out) == sorted(expected)
+    by_task = {f.task: f for f in dead}
+    assert sorted(by_task) == ["keep_errors", "parse"]
+    assert by_task["parse"].error_type == "JSONDecodeError"
+    assert by_task["keep_errors"].error_type == "KeyError"
+    # a fused process chain records the input it received (the line) for any stage
+    assert by_task["keep_errors"].inputs == (repr(bad[150]),)
+    assert (m["parse"].done, m["parse"].failed) == (299, 1)
+    keep = m["keep_errors"]
+    assert (keep.done, keep.skipped, keep.failed) == (len(expected), 298 - len(expected), 1)
+
+
+@af.task(executor="process")
+def chatty(x: int) -> int:
+    import logging
+
+    logging.getLogger("tests.chatty").warning("chatty saw %d", x)
+    return x
+
+
+@af.flow
+def chatter(x: int) -> Any:
+    return chatty(x)
+
+
+def test_log_records_of_process_tasks_reach_the_application(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING)
+    with chatter.start(processes=1) as running:
+        assert list(running.map(range(5))) == list(range(5))
+        (worker,) = running.metrics()["chatty"].workers
+    records = [r for r in caplog.records if r.name == "tests.chatty"]
+    assert sorted(r.getMessage() for r in records) == [f"chatty saw {i}" for i in range(5)]
+    assert {r.process for r in records} == {worker["pid"]}
 
 
 @af.task(executor="process", retries=1)

@@ -6,6 +6,7 @@ worker imports this module) unless a test is about lambdas and closures.
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import signal
@@ -214,6 +215,45 @@ def pid_of(_: Any) -> int:
     return os.getpid()
 
 
+def logs_warning(x: int) -> int:
+    logging.getLogger("tests.worker").warning("item %s seen in %s", x, os.getpid())
+    logging.getLogger("tests.worker").debug("debug %s is below the parent's level", x)
+    if x == 2:
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logging.getLogger("tests.worker").exception("item %s failed", x)
+    return x
+
+
+class Unloadable:
+    """Pickles in the parent; unpickling it in a worker raises (its module is "gone")."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_refuse_in_worker, (os.getpid(),))
+
+
+def _refuse_in_worker(parent_pid: int) -> Unloadable:
+    if os.getpid() != parent_pid:
+        raise ImportError("Unloadable cannot be rebuilt in a worker")
+    return Unloadable()
+
+
+def batch_loop(vals: list[Any], out: list[Any], err: list[Any]) -> None:
+    """A hand-written ``loop=`` for the chain [inc, double]: what plan.py generates."""
+    for item in vals:
+        try:
+            v = inc(item)
+        except BaseException as e:
+            err.append((0, e))
+            return
+        try:
+            out.append(double(v) if v != 4 else 1 // 0)
+        except BaseException as e:
+            err.append((1, e))
+            return
+
+
 class Counter:
     """A keyed stateful task: counts the items it has seen."""
 
@@ -308,6 +348,51 @@ def test_unpicklable_result_fails_only_its_item(pool: ProcessPool) -> None:
     assert err.error.function == "lock_for_one"
     assert "could not be pickled" in err.error.message
     assert "lock" in err.error.message
+
+
+def test_batch_loop_runs_the_chain_and_isolates_each_failure(pool: ProcessPool) -> None:
+    pool.register("loop", [inc, double], loop=batch_loop)
+    items = list(range(200))
+    vals, fails = pool.run_batch("loop", items)
+    assert sorted(fails) == [3]  # inc(3) == 4 divides by zero in stage 1
+    err = fails[3]
+    assert isinstance(err, Err)
+    assert (err.stage, err.error.error_type) == (1, "ZeroDivisionError")
+    assert [v for i, v in enumerate(vals) if i != 3] == [2 * (x + 1) for x in items if x != 3]
+    outs = pool.call_batch("loop", [1, 3, 5])  # the same through the outcome API
+    assert (outs[0], outs[2]) == (Ok(4), Ok(12))
+    assert isinstance(outs[1], Err)
+
+
+def test_batch_that_does_not_unpickle_in_the_worker_is_resent_item_by_item(
+    pool: ProcessPool,
+) -> None:
+    pool.register("same", [lambda x: x if not isinstance(x, Unloadable) else "?"])
+    first, err, last = pool.call_batch("same", [1, Unloadable(), 3])
+    assert (first, last) == (Ok(1), Ok(3))
+    assert isinstance(err, Err)
+    assert err.stage == -1
+    assert "cannot be rebuilt in a worker" in err.error.message
+
+
+def test_log_records_of_workers_reach_the_parents_loggers(
+    events: Events, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)  # before the workers start: they take the root's level
+    with ProcessPool(1, name="logs", on_event=events) as p:
+        p.register("logs", [logs_warning])
+        assert values(p.call_batch("logs", [1, 2, 3])) == [1, 2, 3]
+        worker_pid = p.stats()[0]["pid"]
+    records = [r for r in caplog.records if r.name == "tests.worker"]
+    assert [r.getMessage() for r in records if r.levelno == logging.WARNING] == [
+        f"item {i} seen in {worker_pid}" for i in (1, 2, 3)
+    ]
+    assert all(r.process == worker_pid for r in records)
+    assert not [r for r in records if r.levelno < logging.INFO]  # filtered in the worker
+    (failed,) = [r for r in records if r.levelno == logging.ERROR]
+    assert failed.getMessage() == "item 2 failed"
+    assert failed.exc_text is not None
+    assert "ValueError: boom" in failed.exc_text
 
 
 def test_unpicklable_input_fails_only_its_item(pool: ProcessPool) -> None:

@@ -268,12 +268,15 @@ class HostPool:
                 mark = self._watch_step(mark)
 
     def _sleep_or_poll(self) -> None:
-        """Under the lock: poll every ``stall_s`` while any host works, else sleep until woken.
+        """Under the lock: poll every ``stall_s`` while jobs wait, else sleep until woken.
 
+        Busy hosts alone need no watching: a stall is a job that waits. ``schedule``
+        wakes a sleeping watcher when it queues a job; the stall window then counts
+        from the last mark, so a host blocked all along is seen as blocked at once.
         Due timers fire here (outside the lock), so the watcher is the run's clock.
         """
         timeout: float | None = None
-        if self.ready or self.n_hosts > len(self.idle):
+        if self.ready:
             timeout = self.stall_s
         if self._timers:
             until = self._timers[0][0] - time.monotonic()

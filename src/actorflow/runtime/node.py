@@ -588,7 +588,7 @@ class Segment:
             chain.extend(
                 functools.partial(_remote_stage, n.spec.task.fn, n.call) for n in self.nodes[1:]
             )
-            pool.register(key, chain)
+            pool.register(key, chain, loop=self.plan.remote_loop())
         self.pool_key = key
         return key
 
@@ -600,12 +600,18 @@ class Segment:
         Items with failed or skipped inputs never leave the parent. ``Err`` /
         ``Crashed`` / ``Timeout`` outcomes are failed attempts under the retry
         policy (a crash is charged to the item that killed a worker alone).
+        The common batch (no special input) goes as it is, and its results come
+        back as one list: no per-item work in the parent.
         """
-        from actorflow.runtime import processes as pr
-
-        ctx = self.ctx
         head = self.nodes[0]
-        t = head.spec.task
+        if not special:
+            values, fails = self._remote_call(vals, pin)
+            skipped = self._remote_results(ids, vals, values, fails, None, pin)
+            if not fails:
+                return ids, values, skipped > 0
+            held = sum(1 for o in values if o is _PENDING)
+            kept_ids, kept = self._without_held(ids, values, held)
+            return kept_ids, kept, True
         out: list[Any] = [None] * len(vals)
         send_at: list[int] = []
         send: list[Any] = []
@@ -615,55 +621,75 @@ class Segment:
             v = value
             if type(v) is _Resume:
                 attempt, v = v.attempt, v.v
-            if special:
-                ports = v if self.n_ports > 1 else (v,)
-                failed = [p for p in ports if type(p) is Failed]
-                if failed:
-                    out[j] = Failed.merge(failed) if len(failed) > 1 else failed[0]
+            ports = v if self.n_ports > 1 else (v,)
+            failed = [p for p in ports if type(p) is Failed]
+            if failed:
+                out[j] = Failed.merge(failed) if len(failed) > 1 else failed[0]
+                continue
+            if any(p is SKIP for p in ports[: head.n_data]):
+                args = _build_args(head, ports)
+                if args is None:
+                    self.stats[0].skipped += 1
+                    out[j] = SKIP
                     continue
-                if any(p is SKIP for p in ports[: head.n_data]):
-                    args = _build_args(head, ports)
-                    if args is None:
-                        self.stats[0].skipped += 1
-                        out[j] = SKIP
-                        continue
-                    v = _ArgsCall(args[0], args[1])
+                v = _ArgsCall(args[0], args[1])
             send_at.append(j)
             send.append(v)
             attempts.append(attempt)
         if send:
-            pool = ctx.process_pool()
-            key = self.pool_key or self._register_remote(pool)
-            t0 = time.perf_counter()
-            if t.is_class:
-                index = pin if pin >= 0 else self._next_instance()
-                outcomes = pool.call_instance(key, index, send, timeout=t.timeout)
-            else:
-                outcomes = pool.call_batch(key, send, timeout=t.timeout)
-            self.stats[0].sample((time.perf_counter() - t0) / len(send))
-            ok = skipped = 0  # counted per batch, not per item
-            for j, v, attempt, oc in zip(send_at, send, attempts, outcomes, strict=True):
-                item = ids[j]
-                if type(oc) is pr.Ok:
-                    value = oc.value
-                    ok += 1
-                    if value is SKIP:
-                        skipped += 1
-                    out[j] = value
-                    continue
-                k = max(0, oc.stage) if type(oc) is pr.Err else 0
-                for done_k in range(k):
-                    self.stats[done_k].done += 1
-                out[j] = self._remote_error(k, item, v, oc, attempt, pin)
-            if ok:
-                for node_stats in self.stats:
-                    node_stats.done += ok
-                self.stats[-1].done -= skipped
-                self.stats[-1].skipped += skipped
+            values, fails = self._remote_call(send, pin)
+            self._remote_results([ids[j] for j in send_at], send, values, fails, attempts, pin)
+            for j, v in zip(send_at, values, strict=True):
+                out[j] = v
         held = sum(1 for o in out if o is _PENDING)
         any_special = any(o is SKIP or type(o) is Failed for o in out)
         ids_out, out = self._without_held(ids, out, held)
         return ids_out, out, any_special
+
+    def _remote_call(self, send: list[Any], pin: int) -> tuple[list[Any], dict[int, Any]]:
+        pool = self.ctx.process_pool()
+        key = self.pool_key or self._register_remote(pool)
+        t = self.nodes[0].spec.task
+        t0 = time.perf_counter()
+        if t.is_class:
+            index = pin if pin >= 0 else self._next_instance()
+            result: tuple[list[Any], dict[int, Any]] = pool.run_instance(
+                key, index, send, timeout=t.timeout
+            )
+        else:
+            result = pool.run_batch(key, send, timeout=t.timeout)
+        self.stats[0].sample((time.perf_counter() - t0) / len(send))
+        return result
+
+    def _remote_results(
+        self,
+        ids: Any,
+        sent: list[Any],
+        values: list[Any],
+        fails: dict[int, Any],
+        attempts: list[int] | None,
+        pin: int,
+    ) -> int:
+        """Count a remote batch's outcomes (once per batch); turn its failures, in
+        ``values``, into retries (``_PENDING``) or ``Failed`` values. Returns the
+        number of skipped items."""
+        from actorflow.runtime import processes as pr
+
+        skipped = sum(1 for v in values if v is SKIP)
+        ok = len(values) - len(fails)
+        if fails:
+            for j, oc in fails.items():
+                k = max(0, oc.stage) if type(oc) is pr.Err else 0
+                for done_k in range(k):
+                    self.stats[done_k].done += 1
+                attempt = 1 if attempts is None else attempts[j]
+                values[j] = self._remote_error(k, ids[j], sent[j], oc, attempt, pin)
+        if ok:
+            for node_stats in self.stats:
+                node_stats.done += ok
+            self.stats[-1].done -= skipped
+            self.stats[-1].skipped += skipped
+        return skipped
 
     def _next_instance(self) -> int:
         # an unkeyed class task in processes: its instances take batches in turn

@@ -57,6 +57,7 @@ class SegmentPlan:
     consumers: list[tuple[int, int]]  # (segment index, port) fed by the tail; -1: the sink
     fusable: bool = False  # plain function nodes only: a fast loop can be generated
     _fast: Callable[..., None] | None = None
+    _remote: Callable[..., None] | None = None
 
     def fast(self) -> Callable[..., None] | None:
         """The generated loop ``fast(vals, out, skips, err)``, built on first need.
@@ -68,6 +69,22 @@ class SegmentPlan:
         if self._fast is None and self.fusable:
             self._fast = _compile_fast(self)
         return self._fast
+
+    def remote_loop(self) -> Callable[..., None] | None:
+        """The generated loop run inside a worker process for a process chain.
+
+        ``remote(vals, out, err)`` appends one result per value to ``out`` (a
+        ``SKIP`` ends an item's walk); when node ``k`` raises (any
+        ``BaseException``: the worker must survive its tasks),
+        ``(k, exception)`` is appended to ``err`` and the loop returns. None for
+        class or map nodes.
+        """
+        if self._remote is None and all(
+            n.kind == "task" and not n.is_class and n.spec.task.executor == "process"
+            for n in self.nodes
+        ):
+            self._remote = _compile_remote(self)
+        return self._remote
 
     @property
     def head(self) -> NodePlan:
@@ -399,6 +416,41 @@ def _compile_fast(seg: SegmentPlan) -> Callable[..., Any]:
     exec(_compiled(source, "exec"), ns)
     fast: Callable[..., Any] = ns["fast"]
     return fast
+
+
+def _compile_remote(seg: SegmentPlan) -> Callable[..., Any]:
+    """Generate ``remote(vals, out, err)`` for a process chain (see ``remote_loop``)."""
+    ns: dict[str, Any] = {"SKIP": SKIP}
+    last = len(seg.nodes) - 1
+    names = ", ".join(f"f{k}" for k in range(last + 1))
+    lines = [
+        "def remote(vals, out, err):",
+        "    append = out.append",
+        "    _skip = SKIP",
+        f"    {names}, = FNS",
+        "    for v in vals:",
+    ]
+    for k, node in enumerate(seg.nodes):
+        expr = node.expr
+        for cname, cvalue in node.consts.items():
+            new = f"k{k}_{cname}"
+            ns[new] = cvalue
+            expr = _rename_token(expr, cname, new)
+        expr = _rename_token(expr, "f", f"f{k}")
+        lines.append("        try:")
+        lines.append(f"            v = {expr}")
+        lines.append("        except BaseException as e:")
+        lines.append(f"            err.append(({k}, e))")
+        lines.append("            return")
+        if k < last:
+            lines.append("        if v is _skip:")
+            lines.append("            append(v)")
+            lines.append("            continue")
+    lines.append("        append(v)")
+    ns["FNS"] = tuple(node.spec.task.fn for node in seg.nodes)
+    exec(_compiled("\n".join(lines), "exec"), ns)
+    remote: Callable[..., Any] = ns["remote"]
+    return remote
 
 
 def _rename_token(expr: str, old: str, new: str) -> str:

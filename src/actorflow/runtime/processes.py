@@ -47,16 +47,33 @@ descriptors are handed to each worker at start, so ``print`` in a task reaches t
 parent's stdout even though a forkserver child descends from the forkserver.
 
 *Protocol.* One request per batch, parent -> worker: ``(kind, batch_id, key,
-version, code, items)`` where ``items`` are per-item pickles and ``code`` is the
-cloudpickled chain (or class), pickled once in the parent and sent to a worker only
-the first time that worker sees this version of the key. Results come back as
-chunks ``(batch_id, start_position, [per-item pickles])``: a fast batch returns in
-one message; a slow one flushes whatever finished every ``_FLUSH_INTERVAL_S`` (or
-``_FLUSH_BYTES``), so that results that returned before a death are kept. Per-item
-pickles isolate pickling failures to their own item in both directions. The
-protocol is strictly request/response per worker (the worker reads a whole request
-before it writes anything), so the two pipes cannot deadlock; task output goes to
-the inherited stdout / stderr, not through the pipes.
+version, code, index, timed, n, items)``. ``code`` is the cloudpickled chain (or
+class), pickled once in the parent and sent to a worker only the first time that
+worker sees this version of the key. ``items`` is normally ONE pickle of the whole
+list ("bulk"): no per-item work on either side. If that pickle fails in the parent,
+or the worker cannot unpickle it (it answers ``_RESEND``), the batch goes again as
+per-item pickles ("loose"), so an item that does not travel fails alone. A chain
+registered with a generated batch ``loop`` runs bulk batches through it in growing
+slices (one call per slice, not per item per stage).
+
+Results come back as chunks ``(batch_id, start, format, payload, errors, logs)``: a
+bulk chunk's payload is the list of results itself, one pickle (``SKIP`` included:
+it pickles as a reference, a few bytes), with the failures apart as ``(offset,
+encoded error)``; if the results do not pickle as a whole, the chunk falls back to
+per-item pickles and only the offending item fails. A fast batch returns in one
+message; a slow one flushes whatever finished every ``_FLUSH_INTERVAL_S``, so that
+results that returned before a death are kept. The protocol is strictly
+request/response per worker (the worker reads a whole request before it writes
+anything), so the two pipes cannot deadlock; task output goes to the inherited
+stdout / stderr, not through the pipes.
+
+*Logging.* Each worker's root logger has one handler, which keeps the records (the
+message formatted, the exception as text, extra fields as reprs) and sends them
+with the next result chunk; the parent hands them to its own loggers of the same
+names (``logger.handle``), so the application's logging configuration applies to
+them, with ``record.process`` the worker's pid. The worker's root level is the
+parent root logger's effective level when the worker started; handlers that the
+main module's import installed in the worker (a ``basicConfig()``) are removed.
 
 *Death detection.* The calling thread blocks in
 ``multiprocessing.connection.wait([result_pipe, process.sentinel])``: a worker that
@@ -106,14 +123,15 @@ than ``_FLUSH_INTERVAL_S`` before a death are lost and recomputed. Functions are
 pickled by reference when their module is importable, so that module must import in
 the worker too; workers import the main module (``if __name__ == "__main__":``).
 Output goes to the parent's stdout / stderr *descriptors* as they were when the
-worker started (``capsys``-style Python-level redirection does not reach workers);
-``logging`` records of tasks stay in the worker (its default stderr handler).
+worker started (``capsys``-style Python-level redirection does not reach workers).
+A per-logger level set in the parent is not mirrored in workers (only the root's).
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import multiprocessing
 import os
 import pickle
@@ -174,6 +192,11 @@ _RUN: Final = 1
 _INSTANCE: Final = 2
 _STOP: Final = 3
 _HELLO_BATCH: Final = 0
+# result chunk formats (worker -> parent)
+_BULK: Final = 0  # the results themselves, one pickle; failures apart, by offset
+_LOOSE: Final = 1  # one pickle per item (a tagged Ok / Err)
+_RESEND: Final = 2  # the bulk items did not unpickle in the worker: send them one by one
+_FLUSH_LOGS: Final = 1000  # send a chunk early once this many log records wait
 # per-item result tags
 _OK: Final = 0
 _ERR: Final = 1
@@ -586,19 +609,79 @@ class _LoadFailed:
     stage: int = -1
 
 
-class _Worker:
-    """The loop of one worker process: load code, run batches, send results in chunks."""
+_LOG_FIELDS: Final = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+_PLAIN: Final = (str, int, float, bool, type(None))
 
-    def __init__(self, inbox: Connection, outbox: Connection, progress: Any) -> None:
+
+class _LogForwarder(logging.Handler):
+    """The worker's only root handler: keeps records to send with the next result chunk.
+
+    A record travels as a plain dict: its message is formatted here (``args`` cannot
+    be trusted to pickle), its exception as text, extra fields as reprs unless plain.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[dict[str, Any]] = []
+        self._formatter = logging.Formatter()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            data = dict(record.__dict__)
+            data["msg"] = record.getMessage()
+            data["args"] = None
+            if record.exc_info and not record.exc_text:
+                data["exc_text"] = self._formatter.formatException(record.exc_info)
+            data["exc_info"] = None
+            for name, value in data.items():
+                if name not in _LOG_FIELDS and not isinstance(value, _PLAIN):
+                    data[name] = safe_repr(value, 200)
+            self.records.append(data)
+        except Exception:
+            self.handleError(record)
+
+    def take(self) -> list[dict[str, Any]] | None:
+        if not self.records:
+            return None
+        records, self.records = self.records, []
+        return records
+
+
+def _forward_logs(level: int) -> _LogForwarder:
+    """Route every ``logging`` record of this worker to the parent (at ``level`` and up)."""
+    forwarder = _LogForwarder()
+    root = logging.getLogger()
+    for handler in list(root.handlers):  # e.g. a basicConfig() run by the imported main module
+        root.removeHandler(handler)
+    root.addHandler(forwarder)
+    root.setLevel(level)
+    return forwarder
+
+
+class _Worker:
+    """The loop of one worker process: load code, run batches, send results in chunks.
+
+    Requests are ``(kind, batch_id, key, version, code, index, timed, n, items)``;
+    ``items`` is one pickle of the list of items ("bulk", the fast path) or a list of
+    per-item pickles ("loose": one unpicklable item fails alone). Result chunks are
+    ``(batch_id, start, format, payload, errors, log_records)``: a bulk chunk's
+    payload is the list of results itself (one pickle), ``errors`` the encoded
+    failures by offset; a loose chunk's payload is a list of per-item pickles.
+    """
+
+    def __init__(
+        self, inbox: Connection, outbox: Connection, progress: Any, logs: _LogForwarder
+    ) -> None:
         self.inbox = inbox
         self.outbox = outbox
         self.progress = progress
+        self.logs = logs
         self.chains: dict[str, tuple[int, Any]] = {}
         self.factories: dict[str, tuple[int, Any]] = {}
         self.instances: dict[tuple[str, int], tuple[int, Any]] = {}
 
     def serve(self) -> None:
-        self.outbox.send_bytes(pickle.dumps((_HELLO_BATCH, 0, [os.getpid()])))
+        self._send(_HELLO_BATCH, 0, _LOOSE, [pickle.dumps(os.getpid())], None)
         while True:
             try:
                 msg = pickle.loads(self.inbox.recv_bytes())
@@ -607,22 +690,24 @@ class _Worker:
             kind = msg[0]
             if kind == _STOP:
                 return
-            batch_id = msg[1]
+            _, batch_id, key, version, code, index, timed, n, items = msg
             self._mark(batch_id, _LOADING)  # a load that hangs is bounded too
             if kind == _RUN:
-                _, _, key, version, code, items = msg
-                fns = self._load(self.chains, key, version, code)
-                if isinstance(fns, _LoadFailed):
-                    self._fail_all(batch_id, items, fns)
-                else:
-                    self._run(batch_id, fns, items)
+                target = self._load(self.chains, key, version, code)
             else:
-                _, _, key, version, code, index, items = msg
                 target = self._instance(key, version, code, index)
-                if isinstance(target, _LoadFailed):
-                    self._fail_all(batch_id, items, target)
+                if not isinstance(target, _LoadFailed):
+                    target = ([target], None)
+            if isinstance(target, _LoadFailed):
+                self._fail_all(batch_id, n, target)
+            elif type(items) is bytes:
+                fns, loop = target
+                if loop is not None and not timed:
+                    self._run_loop(batch_id, fns, loop, items)
                 else:
-                    self._run(batch_id, [target], items)
+                    self._run_bulk(batch_id, fns, items, timed)
+            else:
+                self._run_loose(batch_id, target[0], items, timed)
 
     def _mark(self, batch_id: int, position: int) -> None:
         # start time first, batch id last: the parent trusts a record only when it
@@ -659,30 +744,144 @@ class _Worker:
         self.instances[(key, index)] = (version, instance)
         return instance
 
-    def _fail_all(self, batch_id: int, items: list[bytes], failed: _LoadFailed) -> None:
+    def _fail_all(self, batch_id: int, n: int, failed: _LoadFailed) -> None:
         data = _encode_err(failed.stage, failed.error)
-        self._send(batch_id, 0, [data] * len(items))
+        self._send(batch_id, 0, _LOOSE, [data] * n, None)
 
-    def _send(self, batch_id: int, start: int, results: list[bytes]) -> None:
+    def _send(
+        self,
+        batch_id: int,
+        start: int,
+        fmt: int,
+        payload: list[Any] | None,
+        errors: list[tuple[int, bytes]] | None,
+    ) -> None:
         _flush_stdio()  # output printed by these items reaches stdout before they return
-        self.outbox.send_bytes(pickle.dumps((batch_id, start, results), protocol=_PROTOCOL))
+        data = pickle.dumps(
+            (batch_id, start, fmt, payload, errors, self.logs.take()), protocol=_PROTOCOL
+        )
+        self.outbox.send_bytes(data)
 
-    def _run(self, batch_id: int, fns: list[Any], items: list[bytes]) -> None:
+    def _send_bulk(
+        self,
+        batch_id: int,
+        start: int,
+        results: list[Any],
+        errors: list[tuple[int, bytes]],
+        fns: list[Any],
+    ) -> None:
+        logs = self.logs.take()
+        _flush_stdio()
+        try:
+            data = pickle.dumps((batch_id, start, _BULK, results, errors, logs), protocol=_PROTOCOL)
+        except Exception:
+            # a result does not pickle: encode item by item, so only that item fails
+            failed = dict(errors)
+            loose = [
+                failed[offset] if offset in failed else _encode_ok(value, len(fns) - 1, fns[-1])
+                for offset, value in enumerate(results)
+            ]
+            data = pickle.dumps((batch_id, start, _LOOSE, loose, None, logs), protocol=_PROTOCOL)
+        self.outbox.send_bytes(data)
+
+    def _due(self, last_flush: float, pending: int) -> bool:
+        return (
+            time.monotonic() - last_flush >= _FLUSH_INTERVAL_S
+            or pending >= _FLUSH_BYTES
+            or len(self.logs.records) >= _FLUSH_LOGS
+        )
+
+    def _run_bulk(self, batch_id: int, fns: list[Any], blob: bytes, timed: bool) -> None:
+        try:
+            items = pickle.loads(blob)
+        except BaseException:
+            # an item does not unpickle here: ask for the batch item by item
+            self._send(batch_id, 0, _RESEND, None, None)
+            return
+        skip, clock, logs = SKIP, time.monotonic, self.logs
+        results: list[Any] = []
+        errors: list[tuple[int, bytes]] = []
+        start = 0
+        last_flush = clock()
+        for position, item in enumerate(items):
+            if timed:
+                self._mark(batch_id, position)
+            stage = 0
+            value = item
+            try:
+                for fn in fns:
+                    value = fn(value)
+                    if value is skip:
+                        break
+                    stage += 1
+            except BaseException as exc:
+                errors.append((position - start, _encode_err(stage, _capture(exc))))
+                value = None
+            results.append(value)
+            if clock() - last_flush >= _FLUSH_INTERVAL_S or len(logs.records) >= _FLUSH_LOGS:
+                self._send_bulk(batch_id, start, results, errors, fns)
+                start, results, errors, last_flush = position + 1, [], [], clock()
+        if results:
+            self._send_bulk(batch_id, start, results, errors, fns)
+        else:
+            _flush_stdio()
+
+    def _run_loop(self, batch_id: int, fns: list[Any], loop: Any, blob: bytes) -> None:
+        """Bulk items through the chain's generated batch loop, in growing slices.
+
+        Slices start at one item and double while a slice takes under 5 ms, so
+        slow items still flush every ``_FLUSH_INTERVAL_S`` and quick ones cost
+        one loop call per slice.
+        """
+        try:
+            items = pickle.loads(blob)
+        except BaseException:
+            self._send(batch_id, 0, _RESEND, None, None)
+            return
+        clock, logs = time.monotonic, self.logs
+        n = len(items)
+        results: list[Any] = []
+        errors: list[tuple[int, bytes]] = []
+        err: list[tuple[int, BaseException]] = []
+        base = pos = 0  # base: the position of results[0]
+        step = 1
+        last_flush = clock()
+        while pos < n:
+            stop = min(n, pos + step)
+            t0 = clock()
+            loop(items[pos:stop] if pos or stop < n else items, results, err)
+            t1 = clock()
+            if err:
+                stage, exc = err.pop()
+                errors.append((len(results), _encode_err(stage, _capture(exc))))
+                results.append(None)
+            pos = base + len(results)
+            if t1 - t0 < 0.005 and step < 4096:
+                step *= 2
+            if t1 - last_flush >= _FLUSH_INTERVAL_S or len(logs.records) >= _FLUSH_LOGS:
+                self._send_bulk(batch_id, base, results, errors, fns)
+                base, results, errors, last_flush = pos, [], [], clock()
+        if results:
+            self._send_bulk(batch_id, base, results, errors, fns)
+        else:
+            _flush_stdio()
+
+    def _run_loose(self, batch_id: int, fns: list[Any], items: list[bytes], timed: bool) -> None:
         results: list[bytes] = []
         start = 0
         pending = 0
         last_flush = time.monotonic()
         for position, payload in enumerate(items):
-            self._mark(batch_id, position)
+            if timed:
+                self._mark(batch_id, position)
             data = self._run_one(fns, payload)
             results.append(data)
             pending += len(data)
-            now = time.monotonic()
-            if now - last_flush >= _FLUSH_INTERVAL_S or pending >= _FLUSH_BYTES:
-                self._send(batch_id, start, results)
-                start, results, pending, last_flush = position + 1, [], 0, now
+            if self._due(last_flush, pending):
+                self._send(batch_id, start, _LOOSE, results, None)
+                start, results, pending, last_flush = position + 1, [], 0, time.monotonic()
         if results:
-            self._send(batch_id, start, results)
+            self._send(batch_id, start, _LOOSE, results, None)
         else:
             _flush_stdio()
 
@@ -716,13 +915,15 @@ def _worker_main(
     outbox: Connection,
     progress: Any,
     stdio: tuple[int | None, int | None],
+    log_level: int = logging.WARNING,
 ) -> None:
     """Entry point of a worker process (importable by name: spawn / forkserver)."""
     # Ctrl-C reaches the whole process group: the parent decides how to stop workers
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _adopt_stdio(stdio)
+    logs = _forward_logs(log_level)
     try:
-        _Worker(inbox, outbox, progress).serve()
+        _Worker(inbox, outbox, progress, logs).serve()
     except (BrokenPipeError, EOFError, ConnectionError):
         pass  # the parent went away
     finally:
@@ -779,14 +980,88 @@ class _Target:
         return f"{self.kind}:{self.key}"
 
 
+class _Marker:
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+_NOT_BACK: Final = _Marker("<not back>")  # an item whose result has not arrived
+_FAILED: Final = _Marker("<failed>")  # an item whose outcome is in the failures
+
+
 @dataclass(slots=True)
 class _Exchange:
-    done: dict[int, Outcome]
-    fate: Literal["done", "died", "timeout", "undelivered"] = "done"
+    """One request and its results: ``back[position]`` is a result, ``_NOT_BACK`` or
+    ``_FAILED`` (then ``fails[position]`` says how)."""
+
+    back: list[Any]
+    fails: dict[int, Outcome]
+    count: int = 0
+    fate: Literal["done", "died", "timeout", "undelivered", "resend"] = "done"
     position: int = -1
     description: str = ""
     exitcode: int | None = None
     pid: int | None = None
+
+
+class _Batch:
+    """The items of one call, their results, and how they are sent.
+
+    First as one pickle of the whole list ("bulk"): no per-item cost on either
+    side. If that pickle fails here (or the worker cannot unpickle it), item by
+    item ("loose"): an item that does not pickle fails alone, with a clear error.
+    """
+
+    __slots__ = ("bulk", "items", "loose", "values")
+
+    def __init__(self, items: Sequence[Any]) -> None:
+        self.items: list[Any] = items if type(items) is list else list(items)
+        self.values: list[Any] = [_NOT_BACK] * len(self.items)
+        self.bulk = True
+        self.loose: list[bytes | None] | None = None
+
+    def encode(
+        self, group: Sequence[int], fails: dict[int, Outcome]
+    ) -> tuple[Sequence[int], bytes | list[bytes]] | None:
+        """``(group, data)`` to send, the unpicklable items left out (failed), or None."""
+        items = self.items
+        if self.bulk:
+            whole = type(group) is range and len(group) == len(items)
+            try:
+                chosen = items if whole else [items[i] for i in group]
+                return group, pickle.dumps(chosen, protocol=_PROTOCOL)
+            except Exception:
+                self.bulk = False
+        loose = self.loose
+        if loose is None:
+            loose = self.loose = [self._encode_one(i, fails) for i in range(len(items))]
+        kept = [i for i in group if loose[i] is not None]
+        if not kept:
+            return None
+        return kept, [p for p in (loose[i] for i in kept) if p is not None]
+
+    def _encode_one(self, i: int, fails: dict[int, Outcome]) -> bytes | None:
+        item = self.items[i]
+        try:
+            return pickle.dumps(item, protocol=_PROTOCOL)
+        except Exception:
+            pass
+        try:
+            data: bytes = cloudpickle.dumps(item, protocol=_PROTOCOL)
+            return data
+        except Exception as exc:
+            what = (
+                f"the input ({type(item).__name__}) could not be pickled to send it to a "
+                "worker process; pass plain data, or use executor='thread'"
+            )
+            fails[i] = Err(-1, _pickling_error(what, exc, None))
+            self.values[i] = _FAILED
+            return None
 
 
 class _Slot:
@@ -959,13 +1234,25 @@ class ProcessPool:
 
     # ----------------------------------------------------------------- registration
 
-    def register(self, key: str, fns: Sequence[Callable[..., Any]]) -> None:
+    def register(
+        self,
+        key: str,
+        fns: Sequence[Callable[..., Any]],
+        *,
+        loop: Callable[[list[Any], list[Any], list[Any]], None] | None = None,
+    ) -> None:
         """Register a chain of functions under ``key``: item -> fns[0] -> fns[1] -> ...
 
         The chain is pickled once here with cloudpickle (lambdas and closures work)
         and shipped to each worker on its first use there. Registering a key again
         replaces the chain. Raises :class:`actorflow.GraphError` naming the function
         that cannot be pickled.
+
+        ``loop``, optional, is the same chain as one batch loop
+        ``loop(values, out, err)``: it appends each value's result to ``out`` and,
+        when ``fns[k]`` raises, appends ``(k, exception)`` to ``err`` and returns.
+        Workers then run batches through it (no per-item dispatch); items with a
+        ``timeout`` still go through ``fns`` one by one.
 
         Example::
 
@@ -977,7 +1264,7 @@ class ProcessPool:
         for fn in fns:
             if not callable(fn):
                 raise TypeError(f"chain {key!r}: {safe_repr(fn, 80)} is not callable")
-        payload = _pickle_code(fns, fns, f"chain {key!r}")
+        payload = _pickle_code((fns, loop), fns, f"chain {key!r}")
         with self._cond:
             self._chains[key] = _Code(next(self._versions), payload, len(fns))
 
@@ -1045,6 +1332,22 @@ class ProcessPool:
             outs = pool.call_batch("parse_score", lines, timeout=10.0)
             values = [o.value for o in outs if isinstance(o, Ok)]
         """
+        return _outcomes(*self.run_batch(key, items, timeout=timeout))
+
+    def run_batch(
+        self, key: str, items: Sequence[Any], *, timeout: float | None = None
+    ) -> tuple[list[Any], dict[int, Outcome]]:
+        """:meth:`call_batch` without an object per item: ``(values, failures)``.
+
+        ``values[i]`` is item ``i``'s result (``SKIP`` included) unless ``i`` is a
+        key of ``failures`` (its ``Err`` / ``Crashed`` / ``Timeout``); then
+        ``values[i]`` is a placeholder. The fast path for large batches.
+
+        Example::
+
+            values, failures = pool.run_batch("parse_keep", lines)
+            kept = [v for i, v in enumerate(values) if i not in failures and v is not SKIP]
+        """
         with self._cond:
             code = self._chains.get(key)
         if code is None:
@@ -1060,6 +1363,17 @@ class ProcessPool:
 
             pool.call_instance("rate", 2, [ev1, ev2])   # -> [Ok(...), Ok(...)]
         """
+        return _outcomes(*self.run_instance(key, index, items, timeout=timeout))
+
+    def run_instance(
+        self, key: str, index: int, items: Sequence[Any], *, timeout: float | None = None
+    ) -> tuple[list[Any], dict[int, Outcome]]:
+        """:meth:`call_instance` as ``(values, failures)``, like :meth:`run_batch`.
+
+        Example::
+
+            values, failures = pool.run_instance("rate", 2, events)
+        """
         with self._cond:
             code = self._classes.get(key)
         if code is None:
@@ -1071,75 +1385,71 @@ class ProcessPool:
 
     def _call(
         self, target: _Target, pinned: int | None, items: Sequence[Any], timeout: float | None
-    ) -> list[Outcome]:
+    ) -> tuple[list[Any], dict[int, Outcome]]:
         if timeout is not None and not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds or None, not {timeout!r}")
-        outcomes: list[Outcome | None] = [None] * len(items)
-        payloads = self._encode_items(items, outcomes)
-        if any(p is not None for p in payloads):
+        batch = _Batch(items)
+        fails: dict[int, Outcome] = {}
+        if batch.items:
             slot = self._acquire(pinned, target.code_key, target.code.version)
             try:
-                self._drive(slot, target, payloads, outcomes, timeout)
+                self._drive(slot, target, batch, fails, timeout)
             except BaseException:
                 if slot.process is not None:  # state unknown (interrupted mid-batch)
                     self._stop(slot, kill=True, reason="call interrupted")
                 raise
             finally:
                 self._release(slot)
-        return [_present(o) for o in outcomes]
-
-    @staticmethod
-    def _encode_items(items: Sequence[Any], outcomes: list[Outcome | None]) -> list[bytes | None]:
-        payloads: list[bytes | None] = []
-        for i, item in enumerate(items):
-            try:
-                payloads.append(pickle.dumps(item, protocol=_PROTOCOL))
-                continue
-            except Exception:
-                pass
-            try:
-                payloads.append(cloudpickle.dumps(item, protocol=_PROTOCOL))
-            except Exception as exc:
-                what = (
-                    f"the input ({type(item).__name__}) could not be pickled to send it to a "
-                    "worker process; pass plain data, or use executor='thread'"
-                )
-                outcomes[i] = Err(-1, _pickling_error(what, exc, None))
-                payloads.append(None)
-        return payloads
+        return batch.values, fails
 
     def _drive(
         self,
         slot: _Slot,
         target: _Target,
-        payloads: list[bytes | None],
-        outcomes: list[Outcome | None],
+        batch: _Batch,
+        fails: dict[int, Outcome],
         timeout: float | None,
     ) -> None:
-        groups: deque[list[int]] = deque([[i for i, p in enumerate(payloads) if p is not None]])
+        values = batch.values
+        groups: deque[Sequence[int]] = deque([range(len(batch.items))])
         undelivered = 0
         while groups:
             group = groups.popleft()
+            data = batch.encode(group, fails)
+            if data is None:
+                continue  # no item of the group pickles: each has its Err already
+            group, items = data
             self._ensure_started(slot)
             batch_id = next(self._batch_ids)
-            message = self._request(slot, target, batch_id, [payloads[i] for i in group])
+            message = self._request(slot, target, batch_id, timeout is not None, group, items)
             ex = self._exchange(slot, message, len(group), batch_id, timeout, target)
-            for position, outcome in ex.done.items():
-                outcomes[group[position]] = outcome
-            slot.tasks_done += len(ex.done)
+            if ex.fate == "resend":
+                batch.bulk = False  # an item does not unpickle in the worker
+                groups.appendleft(group)
+                continue
+            back = ex.back
+            if type(group) is range and group.step == 1:
+                values[group.start : group.stop] = back
+            else:
+                for position, i in enumerate(group):
+                    values[i] = back[position]
+            for position, outcome in ex.fails.items():
+                fails[group[position]] = outcome
+            slot.tasks_done += ex.count
             if ex.fate == "done":
                 undelivered = 0
                 continue
             if self._killed:
                 raise PoolClosed(f"process pool {self.name!r} was shut down (kill=True)")
-            left = [i for position, i in enumerate(group) if position not in ex.done]
+            left = [i for position, i in enumerate(group) if back[position] is _NOT_BACK]
             if ex.fate == "undelivered":
                 undelivered += 1
                 if undelivered < _MAX_UNDELIVERED:
                     groups.appendleft(left)
                     continue
                 for i in left:
-                    outcomes[i] = Crashed(
+                    values[i] = _FAILED
+                    fails[i] = Crashed(
                         f"{ex.description} before it could run anything; its stderr says why "
                         "(a script that runs flows at import time needs an "
                         "`if __name__ == '__main__':` guard: workers import the main module)",
@@ -1149,39 +1459,39 @@ class ProcessPool:
                     )
             elif ex.fate == "timeout" and ex.position == _LOADING:
                 for i in left:  # loading the code hung: every item would hang the same way
-                    outcomes[i] = Timeout(float(timeout or 0.0), ex.pid)
+                    values[i] = _FAILED
+                    fails[i] = Timeout(float(timeout or 0.0), ex.pid)
             elif ex.fate == "timeout":
                 culprit = group[ex.position]
-                outcomes[culprit] = Timeout(float(timeout or 0.0), ex.pid)
+                values[culprit] = _FAILED
+                fails[culprit] = Timeout(float(timeout or 0.0), ex.pid)
                 rest = [i for i in left if i != culprit]
                 if rest:
                     groups.appendleft(rest)
             elif len(group) == 1:
                 if left:
-                    outcomes[left[0]] = Crashed(ex.description, ex.exitcode, ex.pid)
+                    values[left[0]] = _FAILED
+                    fails[left[0]] = Crashed(ex.description, ex.exitcode, ex.pid)
             else:  # isolation: re-send each unreturned item alone, in order
                 groups.extendleft(reversed([[i] for i in left]))
 
     def _request(
-        self, slot: _Slot, target: _Target, batch_id: int, payloads: list[bytes | None]
+        self,
+        slot: _Slot,
+        target: _Target,
+        batch_id: int,
+        timed: bool,
+        group: Sequence[int],
+        items: bytes | list[bytes],
     ) -> bytes:
         code: bytes | None = None
         if slot.loaded.get(target.code_key) != target.code.version:
             code = target.code.payload
             slot.loaded[target.code_key] = target.code.version
-        if target.kind == _RUN:
-            msg: tuple[Any, ...] = (_RUN, batch_id, target.key, target.code.version, code, payloads)
-        else:
+        if target.kind == _INSTANCE:
             slot.instances.add((target.key, target.index))
-            msg = (
-                _INSTANCE,
-                batch_id,
-                target.key,
-                target.code.version,
-                code,
-                target.index,
-                payloads,
-            )
+        key, version = target.key, target.code.version
+        msg = (target.kind, batch_id, key, version, code, target.index, timed, len(group), items)
         return pickle.dumps(msg, protocol=_PROTOCOL)
 
     def _exchange(
@@ -1197,17 +1507,17 @@ class ProcessPool:
         assert slot.to_worker is not None
         assert slot.from_worker is not None
         conn, sentinel = slot.from_worker, slot.process.sentinel
-        done: dict[int, Outcome] = {}
+        ex = _Exchange([_NOT_BACK] * n, {})
         try:
             slot.to_worker.send_bytes(message)
         except OSError:
-            return self._lost(slot, done, in_flight=n, batch_id=batch_id)
+            return self._lost(slot, ex, in_flight=n, batch_id=batch_id)
         last_stage = target.code.stages - 1
-        while len(done) < n:
+        while ex.count < n:
             record = None
             wait_s = None
             if timeout is not None:
-                record = self._running(slot, batch_id, n, done)
+                record = self._running(slot, batch_id, ex)
                 # look again at least once per `timeout`: the worker moves from loading
                 # (long deadline) to its first item without telling us
                 wait_s = timeout
@@ -1215,31 +1525,33 @@ class ProcessPool:
                     wait_s = min(timeout, max(0.0, _deadline(record, timeout) - _now()))
             ready = wait([conn, sentinel], wait_s)
             if conn in ready:
-                if not self._receive(slot, conn, batch_id, done, last_stage):
-                    return self._lost(slot, done, in_flight=n - len(done), batch_id=batch_id)
+                if not self._receive(slot, conn, batch_id, ex, last_stage):
+                    return self._lost(slot, ex, in_flight=n - ex.count, batch_id=batch_id)
+                if ex.fate == "resend":
+                    return ex
                 continue
             if sentinel in ready:
-                while self._poll(conn) and self._receive(slot, conn, batch_id, done, last_stage):
+                while self._poll(conn) and self._receive(slot, conn, batch_id, ex, last_stage):
                     pass
-                if len(done) == n:
+                if ex.count == n:
                     break  # everything arrived: the death is noticed on next use
-                return self._lost(slot, done, in_flight=n - len(done), batch_id=batch_id)
+                return self._lost(slot, ex, in_flight=n - ex.count, batch_id=batch_id)
             if record is not None and timeout is not None:
-                again = self._running(slot, batch_id, n, done)
+                again = self._running(slot, batch_id, ex)
                 if again == record and _now() >= _deadline(record, timeout):
-                    return self._time_out(slot, done, int(record[1]), timeout)
-        return _Exchange(done)
+                    return self._time_out(slot, ex, int(record[1]), timeout)
+        return ex
 
     @staticmethod
-    def _running(
-        slot: _Slot, batch_id: int, n: int, done: dict[int, Outcome]
-    ) -> tuple[float, float, float] | None:
+    def _running(slot: _Slot, batch_id: int, ex: _Exchange) -> tuple[float, float, float] | None:
         p = slot.progress
         record = (p[0], p[1], p[2])
         position = int(record[1])
         if int(record[0]) != batch_id:
             return None  # not started yet
-        if position != _LOADING and (not 0 <= position < n or position in done):
+        if position != _LOADING and (
+            not 0 <= position < len(ex.back) or ex.back[position] is not _NOT_BACK
+        ):
             return None  # between items
         return record
 
@@ -1255,20 +1567,50 @@ class ProcessPool:
         slot: _Slot,
         conn: Connection,
         batch_id: int,
-        done: dict[int, Outcome],
+        ex: _Exchange | None,
         last_stage: int,
     ) -> bool:
         try:
             data = conn.recv_bytes()
         except (EOFError, OSError):
             return False
-        chunk_batch, start, results = pickle.loads(data)
+        chunk_batch, start, fmt, payload, errors, logs = pickle.loads(data)
+        if logs:
+            self._replay_logs(logs)
         if chunk_batch == _HELLO_BATCH:
             slot.ready = True
-        elif chunk_batch == batch_id:
-            for offset, item in enumerate(results):
-                done[start + offset] = self._decode(item, last_stage)
+        elif chunk_batch == batch_id and ex is not None:
+            back, fails = ex.back, ex.fails
+            if fmt == _BULK:
+                back[start : start + len(payload)] = payload
+                for offset, encoded in errors:
+                    back[start + offset] = _FAILED
+                    fails[start + offset] = self._decode(encoded, last_stage)
+                ex.count += len(payload)
+            elif fmt == _LOOSE:
+                for offset, encoded in enumerate(payload):
+                    outcome = self._decode(encoded, last_stage)
+                    if type(outcome) is Ok:
+                        back[start + offset] = outcome.value
+                    else:
+                        back[start + offset] = _FAILED
+                        fails[start + offset] = outcome
+                ex.count += len(payload)
+            else:
+                ex.fate = "resend"
         return True
+
+    @staticmethod
+    def _replay_logs(records: list[dict[str, Any]]) -> None:
+        """Hand the worker's log records to the parent's loggers, as if logged here."""
+        for data in records:
+            try:
+                record = logging.makeLogRecord(data)
+                logger = logging.getLogger(record.name)
+                if logger.isEnabledFor(record.levelno):
+                    logger.handle(record)
+            except Exception:  # a broken handler must not break the pool
+                continue
 
     @staticmethod
     def _decode(data: bytes, last_stage: int) -> Outcome:
@@ -1366,12 +1708,18 @@ class ProcessPool:
                 alive = slot.process.is_alive()
             if alive:
                 return
-            self._lost(slot, {}, in_flight=0)  # died while idle: reap, report, replace
+            self._lost(slot, None, in_flight=0)  # died while idle: reap, report, replace
         inbox, to_worker = self._ctx.Pipe(duplex=False)
         from_worker, outbox = self._ctx.Pipe(duplex=False)
         process = self._ctx.Process(
             target=_worker_main,
-            args=(inbox, outbox, slot.progress, _stdio_handles()),
+            args=(
+                inbox,
+                outbox,
+                slot.progress,
+                _stdio_handles(),
+                logging.getLogger().getEffectiveLevel(),
+            ),
             name=f"actorflow-{self.name}-worker-{slot.index}",
             daemon=False,  # a task may start its own processes; shutdown() reaps workers
         )
@@ -1401,9 +1749,9 @@ class ProcessPool:
         conn, sentinel = slot.from_worker, slot.process.sentinel
         while not slot.ready:
             ready = wait([conn, sentinel])
-            if conn in ready and self._receive(slot, conn, _HELLO_BATCH, {}, 0):
+            if conn in ready and self._receive(slot, conn, _HELLO_BATCH, None, 0):
                 continue
-            ex = self._lost(slot, {}, in_flight=0)
+            ex = self._lost(slot, None, in_flight=0)
             raise WorkerCrashed(
                 f"worker {slot.index} of process pool {self.name!r} {ex.description} during "
                 "start-up; its stderr says why (is actorflow importable there?)"
@@ -1412,7 +1760,7 @@ class ProcessPool:
     def _lost(
         self,
         slot: _Slot,
-        done: dict[int, Outcome],
+        ex: _Exchange | None,
         *,
         in_flight: int,
         batch_id: int | None = None,
@@ -1443,18 +1791,21 @@ class ProcessPool:
                 in_flight=in_flight,
             )
         self._forget(slot, pid, f"worker process {description}")
-        fate: Literal["died", "undelivered"] = "died" if started and reached else "undelivered"
-        return _Exchange(done, fate, -1, description, exitcode, pid)
+        if ex is None:
+            ex = _Exchange([], {})
+        ex.fate = "died" if started and reached else "undelivered"
+        ex.description, ex.exitcode, ex.pid = description, exitcode, pid
+        return ex
 
-    def _time_out(
-        self, slot: _Slot, done: dict[int, Outcome], position: int, timeout: float
-    ) -> _Exchange:
+    def _time_out(self, slot: _Slot, ex: _Exchange, position: int, timeout: float) -> _Exchange:
         pid = slot.pid
         self._log.warning("worker_timed_out", worker=slot.index, pid=pid, timeout=timeout)
         self._emit("worker_timed_out", worker=slot.index, pid=pid, timeout=timeout)
         exitcode = self._terminate(slot)
         self._forget(slot, pid, f"worker process killed after an item ran over {timeout:g} s")
-        return _Exchange(done, "timeout", position, _describe_exit(exitcode), exitcode, pid)
+        ex.fate, ex.position, ex.exitcode, ex.pid = "timeout", position, exitcode, pid
+        ex.description = _describe_exit(exitcode)
+        return ex
 
     def _stop(self, slot: _Slot, *, kill: bool, reason: str) -> None:
         """Stop the slot's worker (gracefully unless ``kill``), reap it and clear the slot."""
@@ -1611,9 +1962,9 @@ class ProcessPool:
             self._finalizer()
 
 
-def _present(outcome: Outcome | None) -> Outcome:
-    assert outcome is not None, "every item gets an outcome"
-    return outcome
+def _outcomes(values: list[Any], fails: dict[int, Outcome]) -> list[Outcome]:
+    """``run_batch``'s ``(values, failures)`` as one outcome per item."""
+    return [fails[i] if v is _FAILED else Ok(v) for i, v in enumerate(values)]
 
 
 def _now() -> float:

@@ -502,6 +502,8 @@ class RunningFlow(RunContext):
                 block.special = special
                 block.received = block.n
                 finished.append(block)
+            elif type(ids) is range and self._fill_part(ids, vals, special, finished):
+                pass  # a slice of one block (a node with workers=N splits batches)
             else:
                 for i, v in zip(ids, vals, strict=True):
                     found = self._block_of(i)
@@ -567,6 +569,31 @@ class RunningFlow(RunContext):
             previous = value.failures if type(value) is Failed else ()
             return Failed((*previous, failure))
         return value
+
+    def _fill_part(
+        self, ids: range, vals: list[Any], special: bool, finished: list[_Block]
+    ) -> bool:
+        """Under the lock: store a contiguous run of results that lies in one block.
+
+        Returns False (nothing done) if ``ids`` is not such a run.
+        """
+        n = len(ids)
+        if not n or ids.step != 1:
+            return False
+        block = self._block_of(ids.start)
+        if block is None or ids.stop > block.start + block.n:
+            return False
+        if block.vals is None:
+            block.vals = [_MISSING] * block.n
+        offset = ids.start - block.start
+        block.vals[offset : offset + n] = vals
+        block.received += n
+        if special:
+            block.special = True
+        if block.received == block.n:
+            del self._blocks[block.start]
+            finished.append(block)
+        return True
 
     def _block_of(self, item: int) -> _Block | None:
         starts = self._starts
