@@ -44,7 +44,7 @@ class Config:
     w3a_reps: int
     w3b_warm_reps: int
     w3b_cold_reps: int
-    w4_size: int  # integers per crunch task: ~0.25 s of pure Python on an idle core
+    w4_size: int  # integers per crunch task (--quick only; a full run calibrates ~0.25 s)
     w4_reps: int
     w2_lines: int
     w2_reps: int

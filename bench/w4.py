@@ -390,8 +390,29 @@ class _W4Runner:
         return list(self.running_map.map(self.items, self.sizes))
 
 
+W4_TASK_S = 0.25  # the issue's task length: ~0.25 s of pure Python each
+
+
+def w4_calibrated_size(probe: int = 2_000) -> int:
+    """Integers per ``crunch`` task for ~``W4_TASK_S`` seconds each on this machine now.
+
+    Probes the 8 tasks' own ranges at ``probe`` integers each (Collatz chains grow
+    with the numbers), best of three (a noisy VM only ever slows a probe down),
+    then scales linearly.
+    """
+    best = min(_timed(lambda: crunch_all(probe)) for _ in range(3)) / W4_TASKS
+    return max(probe, int(probe * W4_TASK_S / best))
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    t0 = perf_counter()
+    fn()
+    return perf_counter() - t0
+
+
 def run_w4(cfg: Config) -> list[Row]:
-    size, warm_size = cfg.w4_size, max(1, cfg.w4_size // 100)
+    size = cfg.w4_size if cfg.quick else w4_calibrated_size()
+    warm_size = max(1, size // 100)
     expected = crunch_all(size)  # also warms the sequential path
     runner = _W4Runner(size, warm_size)
     notes: list[str] = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import threading
 import time
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 
 import actorflow as af
+from tests.conftest import wait_until
 
 
 @af.task(concurrency=50)
@@ -92,6 +94,77 @@ def test_an_async_timeout_cancels_the_coroutine_and_is_retried() -> None:
     (failure,) = info.value.failures
     assert (failure.error_type, failure.attempt, failure.executor) == ("TaskTimeout", 2, "async")
     assert cancelled == 2
+
+
+def _spin_until(stop: threading.Event) -> None:
+    n = 0
+    while not stop.is_set():  # pure Python, never awaits: holds the event loop
+        n += 1
+
+
+def test_a_coroutine_that_never_yields_is_interrupted_at_its_timeout() -> None:
+    spinning = threading.Event()
+    never = threading.Event()
+
+    @af.task(timeout=0.3)
+    async def crunch(x: int) -> int:
+        if x == 1:
+            spinning.set()
+            _spin_until(never)  # no await: asyncio alone could never cancel this
+        await asyncio.sleep(0)
+        return x * 10
+
+    @af.flow
+    def f(x: int) -> Any:
+        return crunch(x)
+
+    with f.start() as running:
+        futures = [running.submit(x) for x in range(4)]
+        assert futures[0].result(timeout=30) == 0
+        with pytest.raises(af.RunFailed) as info:
+            futures[1].result(timeout=30)
+        assert [fut.result(timeout=30) for fut in futures[2:]] == [20, 30]
+        assert spinning.is_set()
+    (failure,) = info.value.failures
+    assert (failure.task, failure.error_type, failure.executor) == (
+        "crunch",
+        "TaskTimeout",
+        "async",
+    )
+    assert "without yielding" in failure.message
+    assert "executor='thread'" in failure.message
+
+
+def test_a_loop_held_by_a_coroutine_is_reported_and_freed_at_stop(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from actorflow.runtime import loopwatch
+
+    monkeypatch.setattr(loopwatch, "WARN_S", 0.6)
+    caplog.set_level(logging.WARNING, logger="actorflow")
+    spinning = threading.Event()
+    never = threading.Event()
+
+    @af.task
+    async def hog(x: int) -> int:
+        spinning.set()
+        _spin_until(never)
+        return x
+
+    @af.flow
+    def f(x: int) -> Any:
+        return hog(x)
+
+    with f.start() as running:
+        fut = running.submit(7)
+        wait_until(
+            lambda: any("async_task_blocking_loop" in r.getMessage() for r in caplog.records)
+        )
+        running.stop(drain=False)  # the loop's thread is interrupted, not left behind
+    assert spinning.is_set()
+    assert fut.done()
+    (warning,) = [r for r in caplog.records if "async_task_blocking_loop" in r.getMessage()]
+    assert warning.__dict__["task"] == "hog"
 
 
 def test_an_async_failure_skip_and_downstream_thread_task_compose() -> None:

@@ -787,18 +787,25 @@ class Segment:
                     else:
                         target = self.fns[0]
                     coro = node.call(target, v) if args is None else target(*args[0], **args[1])
-                    if t.timeout is None:
-                        r = await coro
-                    else:
-                        try:
-                            r = await asyncio.wait_for(coro, t.timeout)
-                        except TimeoutError as exc:
-                            if time.perf_counter() - t0 < t.timeout * 0.99:
-                                raise  # the task's own TimeoutError
-                            raise TaskTimeout(
-                                f"task {node.name!r} (item {item!r}, attempt {attempt}) took "
-                                f"longer than {t.timeout} s; the coroutine was cancelled"
-                            ) from exc
+                    watch = self.ctx.loop_watch
+                    if watch is not None:  # a coroutine that never yields is found by it
+                        watch.enter(coro, node.name, item, t.timeout)
+                    try:
+                        if t.timeout is None:
+                            r = await coro
+                        else:
+                            try:
+                                r = await asyncio.wait_for(coro, t.timeout)
+                            except TimeoutError as exc:
+                                if time.perf_counter() - t0 < t.timeout * 0.99:
+                                    raise  # the task's own TimeoutError
+                                raise TaskTimeout(
+                                    f"task {node.name!r} (item {item!r}, attempt {attempt}) "
+                                    f"took longer than {t.timeout} s; the coroutine was cancelled"
+                                ) from exc
+                    finally:
+                        if watch is not None:
+                            watch.leave(coro)
                 stats.sample(time.perf_counter() - t0)
             except Exception as exc:
                 if t.retryable(exc, attempt):
@@ -1351,6 +1358,7 @@ class RunContext:
 
     run_id: str = ""
     log: Any = None  # an EventLog bound with the run's id
+    loop_watch: Any = None  # the event loop's watchdog (runtime/loopwatch.py), with the loop
 
     def on_task_failed(self, failure: Failure) -> None:  # pragma: no cover - interface
         """A call failed for good (retries ran out): log it, run on_failure handlers."""

@@ -1319,6 +1319,31 @@ class ProcessPool:
             for slot in claimed:
                 self._release(slot, recycle=False)
 
+    def launch(self) -> None:
+        """Start every idle worker that is not running, without waiting for it.
+
+        Workers then start in parallel with the caller's work; the first call
+        on each one waits for its hello as usual. Used by runs when their first
+        process task needs the pool, so that ``workers=2`` finds two workers.
+
+        Example::
+
+            pool.launch()     # returns after the forks were requested
+        """
+        claimed: list[_Slot] = []
+        with self._cond:
+            self._check_open()
+            for slot in self._slots:
+                if not slot.busy and slot.process is None:
+                    slot.busy = True
+                    claimed.append(slot)
+        try:
+            for slot in claimed:
+                self._ensure_started(slot)
+        finally:
+            for slot in claimed:
+                self._release(slot, recycle=False)
+
     def call_batch(
         self, key: str, items: Sequence[Any], *, timeout: float | None = None
     ) -> list[Outcome]:

@@ -654,13 +654,18 @@ class RunningFlow(RunContext):
         if loop is None:
             with self._lock:
                 if self._loop is None:
-                    self._loop = asyncio.new_event_loop()
-                    self._loop_thread = threading.Thread(
-                        target=self._loop.run_forever,
+                    from actorflow.runtime.loopwatch import LoopWatch
+
+                    new_loop = asyncio.new_event_loop()
+                    thread = threading.Thread(
+                        target=new_loop.run_forever,
                         name=f"actorflow-loop-{self.run_id}",
                         daemon=False,
                     )
-                    self._loop_thread.start()
+                    self.loop_watch = LoopWatch(new_loop, thread, self.call_later, self._log)
+                    thread.start()
+                    self.loop_watch.start()
+                    self._loop, self._loop_thread = new_loop, thread
                 loop = self._loop
         return asyncio.run_coroutine_threadsafe(coro, loop)
 
@@ -682,7 +687,12 @@ class RunningFlow(RunContext):
                         max_tasks_per_worker=self._max_tasks_per_worker,
                         max_worker_rss_mb=self._max_worker_rss_mb,
                     )
+                    launch = True
+                else:
+                    launch = False
                 pool = self._processes
+            if launch:  # every worker starts now, in parallel, not on its first batch
+                pool.launch()
         return pool
 
     def _on_pool_event(self, event: str, data: dict[str, Any]) -> None:
@@ -712,6 +722,9 @@ class RunningFlow(RunContext):
             loop.call_soon(loop.stop)
 
         loop.call_soon_threadsafe(cancel_all)
+        watch = self.loop_watch
+        if watch is not None and not watch.stop(thread.join):
+            return  # a coroutine holds the loop and ignores cancellation (logged)
         thread.join()
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
