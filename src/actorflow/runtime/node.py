@@ -313,6 +313,7 @@ class Segment:
         "rr",
         "running",
         "schedule",
+        "simple",
         "stats",
         "throttle",
         "waiters",
@@ -367,6 +368,7 @@ class Segment:
         self.pool_key: str | None = None  # registered in the run's process pool on first use
         self.rr = itertools.count()
         self.asem: Any = None  # the node's asyncio.Semaphore(concurrency), made in the loop
+        self.simple = self.joiner is None and self.key_fn is None and self.workers == 1
 
     # -- lifecycle -----------------------------------------------------------
     def open(self) -> None:
@@ -408,6 +410,21 @@ class Segment:
     # -- message intake (any thread) ----------------------------------------
     def deliver(self, port: int, ids: Any, vals: list[Any], special: bool, sender: Any) -> bool:
         """Accept a batch on ``port``; return True if the sender should throttle."""
+        if self.simple:  # one input, no key, one worker: the common node, inlined
+            with self.lock:
+                self.work.append((self.next_ticket, ids, vals, special, -1))
+                self.next_ticket += 1
+                self.queued += len(vals)
+                start = not self.running and not self.throttle and not self.cancelled
+                if start:
+                    self.running = 1
+                throttle = False
+                if self.queued > self.capacity and sender is not None:
+                    self.waiters.append(sender)
+                    throttle = True
+            if start:
+                self.schedule(self)
+            return throttle
         pins = None
         if self.key_fn is not None:  # keyed: route outside the lock (the key is user code)
             vals, special, pins = self._route(ids, vals, special)
@@ -897,9 +914,14 @@ class Segment:
             raise InjectedCrash(f"injected crash in node {self.crash_target or self.name!r}")
         if self.is_process:
             return self._process_remote(ids, vals, special, pin)
-        out: list[Any] = []
         careful = self.careful
         n = len(vals)
+        if n == 1 and not special and not _log.isEnabledFor(logging.DEBUG):
+            r = careful(ids[0], vals[0], 0, timed=True, clean=True, pin=pin)  # a single item
+            if r is _PENDING:
+                return ids[:0], [], False
+            return ids, [r], r is SKIP or type(r) is Failed
+        out: list[Any] = []
         fast = self.fast if n > 1 else None
         if fast is None and n > 1:
             fast = self.fast = self.plan.fast()
