@@ -328,15 +328,20 @@ class Segment:
         schedule: Callable[[Segment], None],
         capacity: int,
     ) -> None:
+        nodes = plan.nodes
+        head = nodes[0]
+        head_task = head.spec.task
+        n_ports = len(head.ports)
+        workers = head_task.workers
         self.plan = plan
         self.ctx = ctx
         self.schedule = schedule
         self.capacity = capacity
-        self.name = plan.head.name
-        self.nodes = plan.nodes
-        self.n_ports = len(plan.head.ports)
-        self.joiner = Joiner(self.n_ports) if self.n_ports > 1 else None
-        self.workers = plan.workers
+        self.name = head.name
+        self.nodes = nodes
+        self.n_ports = n_ports
+        self.joiner = Joiner(n_ports) if n_ports > 1 else None
+        self.workers = workers
         self.lock = threading.Lock()
         # (ticket, ids, vals, special, pin): pin is the instance a keyed batch must run on
         self.work: deque[tuple[int, Any, list[Any], bool, int]] = deque()
@@ -349,7 +354,7 @@ class Segment:
         self.held: dict[int, tuple[Any, list[Any], bool]] = {}
         self.emitting = False  # a thread is emitting held batches in ticket order
         self.consumers: list[tuple[Segment | Any, int, Edge]] = []
-        self.stats = [NodeStats() for _ in plan.nodes]
+        self.stats = [NodeStats()] if len(nodes) == 1 else [NodeStats() for _ in nodes]
         self.fns: list[Any] = []
         self.instances: list[Any] = []  # free instances of a class task
         self.fast: Callable[..., None] | None = None
@@ -358,17 +363,17 @@ class Segment:
         self.restarts = 0
         self.crash_next = 0  # fault injection: crash this many upcoming batches
         self.crash_target: str | None = None
-        head_task = plan.head.spec.task
-        self.key_fn: Callable[[Any], Any] | None = head_task.key
-        self.first_arg = plan.head.first_arg
-        self.busy = [False] * head_task.workers
-        self.is_async = head_task.executor == "async"
+        key_fn = self.key_fn = head_task.key
+        self.first_arg = head.first_arg
+        self.busy = [False] * workers
+        executor = head_task.executor
+        self.is_async = executor == "async"
         # an af.map of a process task maps its elements in the pool (see _call_map)
-        self.is_process = head_task.executor == "process" and plan.head.kind != "map"
+        self.is_process = executor == "process" and head.kind != "map"
         self.pool_key: str | None = None  # registered in the run's process pool on first use
         self.rr = itertools.count()
         self.asem: Any = None  # the node's asyncio.Semaphore(concurrency), made in the loop
-        self.simple = self.joiner is None and self.key_fn is None and self.workers == 1
+        self.simple = n_ports == 1 and key_fn is None and workers == 1
 
     # -- lifecycle -----------------------------------------------------------
     def open(self) -> None:

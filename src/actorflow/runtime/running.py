@@ -271,9 +271,10 @@ class RunningFlow(RunContext):
             schedule = self._pool.schedule
             self._segments = [Segment(sp, self, schedule, capacity) for sp in plan.segments]
             self._sink = _Sink(self, plan)
-            for seg, sp in zip(self._segments, plan.segments, strict=True):
+            segments, sink = self._segments, self._sink
+            for seg, sp in zip(segments, plan.segments, strict=True):
                 seg.open()
-                seg.connect([(self._target(i), port) for i, port in sp.consumers])
+                seg.connect([(sink if i == -1 else segments[i], port) for i, port in sp.consumers])
         finally:
             if gc_was_enabled:
                 gc.enable()
