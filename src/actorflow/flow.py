@@ -12,6 +12,8 @@ import functools
 import inspect
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence, Set
+from inspect import CO_VARARGS, CO_VARKEYWORDS
+from types import FunctionType
 from typing import TYPE_CHECKING, Any, Generic, NoReturn, ParamSpec, TypeVar, overload
 
 from actorflow import _trace
@@ -25,7 +27,9 @@ from actorflow.graph import (
     Graph,
     NodeSpec,
     Ref,
+    _node_spec,
     _OutRef,
+    _positional_binding,
     _refuse_later_options,
 )
 from actorflow.supervision import Supervision
@@ -186,13 +190,26 @@ class _Tracer:
         self.counts: dict[str, int] = {}
 
     def call(self, t: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Node:
-        after_arg = kwargs.pop("after", None)
+        after_arg = kwargs.pop("after", None) if kwargs else None
         name = self._name_for(t.name)
         deps: list[str] = []
+        if not kwargs:
+            # the usual call, f(a, b, ...) of distinct unindexed Nodes of this flow:
+            # its binding is the shared positional one, nothing to template
+            for a in args:
+                if type(a) is not Node or a._tracer is not self or a._path or a._name in deps:
+                    deps.clear()
+                    break
+                deps.append(a._name)
+            else:
+                binding = _positional_binding(len(deps))
+                after = self._after(after_arg, name) if after_arg is not None else ()
+                self.specs[name] = _node_spec(name, t, tuple(deps), after, binding)
+                return Node(self, name)
         arg_t = tuple(self._template(a, deps, name, direct=True) for a in args)
         kw_t = tuple((k, self._template(v, deps, name, direct=True)) for k, v in kwargs.items())
         after = self._after(after_arg, name)
-        self.specs[name] = NodeSpec(name, t, tuple(deps), after, Binding(arg_t, kw_t))
+        self.specs[name] = _node_spec(name, t, tuple(deps), after, Binding(arg_t, kw_t))
         return Node(self, name)
 
     def exceptionally(self, node: Node, handler: Any) -> Node:
@@ -200,7 +217,7 @@ class _Tracer:
         self._own(node, t.name)
         name = self._name_for(t.name)
         binding = Binding((Ref(0, node._path),))
-        self.specs[name] = NodeSpec(name, t, (node._name,), (), binding, kind="exceptionally")
+        self.specs[name] = _node_spec(name, t, (node._name,), (), binding, "exceptionally")
         return Node(self, name)
 
     def map_call(
@@ -221,7 +238,7 @@ class _Tracer:
             max_parallelism=max_parallelism,
             return_exceptions=return_exceptions,
         )
-        self.specs[name] = NodeSpec(name, t, tuple(deps), after, binding)
+        self.specs[name] = _node_spec(name, t, tuple(deps), after, binding)
         return Node(self, name)
 
     def _name_for(self, base: str) -> str:
@@ -345,6 +362,23 @@ def _has_out(template: Any) -> bool:
     return False
 
 
+def _plain_parameters(fn: Any) -> tuple[str, ...] | None:
+    """The parameter names of a plain function without ``*args`` / ``**kwargs``, from its code.
+
+    None when ``inspect.signature`` must decide: not a plain function, a
+    wrapper (``__wrapped__``), an explicit ``__signature__``, or a star parameter.
+    """
+    if type(fn) is not FunctionType:
+        return None
+    own = fn.__dict__
+    if "__wrapped__" in own or "__signature__" in own:
+        return None
+    code = fn.__code__
+    if code.co_flags & (CO_VARARGS | CO_VARKEYWORDS):
+        return None
+    return code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]
+
+
 class Flow(Generic[P, R]):
     """A graph traced from a function by :func:`flow`.
 
@@ -390,24 +424,23 @@ class Flow(Generic[P, R]):
         return self._graph
 
     def _trace(self) -> Graph:
-        sig = inspect.signature(self.fn)
-        params = list(sig.parameters.values())
-        for p in params:
-            if p.name in _RESERVED:
-                raise GraphError(
-                    f"flow {self.name!r} has a parameter named {p.name!r}, which is reserved "
-                    f"for run options ({', '.join(_RESERVED)}); rename the parameter"
-                )
-            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-                raise GraphError(
-                    f"flow {self.name!r} takes *{p.name}: a flow's parameters must be named; "
-                    "pass a list as one parameter instead"
-                )
+        names = _plain_parameters(self.fn)
+        if names is None:
+            sig = inspect.signature(self.fn)
+            parameters = list(sig.parameters.values())
+            for p in parameters:
+                self._refuse_parameter(p.name, p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+            entry = EntrySpec("params", sig, len(parameters))
+        else:  # a plain function: its code object says it all (the signature is lazy)
+            for name in names:
+                self._refuse_parameter(name, False)
+            entry = EntrySpec("params", None, len(names), self.fn)
+        n_params = entry.n_params
         tracer = _Tracer(self.name)
-        if len(params) == 1:
+        if n_params == 1:
             placeholders = [Node(tracer, INPUT)]
         else:
-            placeholders = [Node(tracer, INPUT, (i,)) for i in range(len(params))]
+            placeholders = [Node(tracer, INPUT, (i,)) for i in range(n_params)]
         previous = _trace.push(tracer)
         try:
             result = self.fn(*placeholders)  # type: ignore[call-arg, arg-type]
@@ -416,12 +449,24 @@ class Flow(Generic[P, R]):
         graph = Graph(self.name)
         graph._specs = tracer.specs
         graph._output = _output_template(result, tracer, self.name)
-        graph._entry = EntrySpec("params", sig, len(params))
+        graph._entry = entry
         if not tracer.specs:
             raise GraphError(
                 f"flow {self.name!r} calls no task; decorate the functions it calls with @af.task"
             )
         return graph
+
+    def _refuse_parameter(self, name: str, star: bool) -> None:
+        if name in _RESERVED:
+            raise GraphError(
+                f"flow {self.name!r} has a parameter named {name!r}, which is reserved "
+                f"for run options ({', '.join(_RESERVED)}); rename the parameter"
+            )
+        if star:
+            raise GraphError(
+                f"flow {self.name!r} takes *{name}: a flow's parameters must be named; "
+                "pass a list as one parameter instead"
+            )
 
     def run(self, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run the flow once on these arguments; return its output or raise ``af.RunFailed``.

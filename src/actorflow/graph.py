@@ -16,8 +16,9 @@ skipped elements; a direct reference to a skipped value skips the node.
 from __future__ import annotations
 
 import inspect
+import threading
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from inspect import CO_VARARGS
 from types import FunctionType
 from typing import TYPE_CHECKING, Any, Literal
@@ -93,8 +94,77 @@ class NodeSpec:
     """Every node this one waits for: data deps, then ``after`` deps not already there."""
 
     def __post_init__(self) -> None:
-        extra = tuple(a for a in self.after if a not in self.deps) if self.after else ()
-        object.__setattr__(self, "inputs", self.deps + extra)
+        object.__setattr__(self, "inputs", _inputs(self.deps, self.after))
+
+
+def _inputs(deps: tuple[str, ...], after: tuple[str, ...]) -> tuple[str, ...]:
+    if not after:
+        return deps
+    return deps + tuple(a for a in after if a not in deps)
+
+
+# The slot setters of NodeSpec's fields, in declaration order (a frozen dataclass
+# sets each field through object.__setattr__, which costs twice as much).
+_SET_NAME, _SET_TASK, _SET_DEPS, _SET_AFTER, _SET_BINDING, _SET_KIND, _SET_INPUTS = (
+    getattr(NodeSpec, f.name).__set__ for f in fields(NodeSpec)
+)
+
+
+def _node_spec(
+    name: str,
+    task: Task[Any, Any],
+    deps: tuple[str, ...],
+    after: tuple[str, ...],
+    binding: Binding,
+    kind: str = "task",
+) -> NodeSpec:
+    """``NodeSpec(name, task, deps, after, binding, kind)`` at half the cost (hot paths).
+
+    Graph building makes one spec per node (``Graph.add``, every task call a
+    flow traces); the result is equal to the dataclass-built spec.
+    """
+    spec: NodeSpec = object.__new__(NodeSpec)
+    _SET_NAME(spec, name)
+    _SET_TASK(spec, task)
+    _SET_DEPS(spec, deps)
+    _SET_AFTER(spec, after)
+    _SET_BINDING(spec, binding)
+    _SET_KIND(spec, kind)
+    _SET_INPUTS(spec, _inputs(deps, after) if after else deps)
+    return spec
+
+
+# Bindings are immutable: the common shapes are built once and shared by every
+# node (and graph) that has them, so that 1,000 nodes of the same shape are
+# checked and compiled once -- see ``_positional_binding``.
+_PASSTHROUGH = Binding(passthrough=True)
+_POSITIONAL: dict[int, Binding] = {}
+"""n -> the shared positional binding of n arguments (see ``_positional_binding``)."""
+_REFS: list[Ref] = []  # Ref(i) for every i below the widest binding built so far
+_NARROW = 256  # shared for good up to this width; wider ones, only the latest few
+_WIDE: list[int] = []  # widths above _NARROW in _POSITIONAL, oldest first
+_POSITIONAL_LOCK = threading.Lock()
+
+
+def _positional_binding(n: int) -> Binding:
+    """``Binding(args=(Ref(0), ..., Ref(n - 1)))``: data deps passed positionally, in order.
+
+    Shared: the same object for every node of that shape (a wide fan-in such as
+    a 1,000-input sum is built once for all the graphs that have it, not per graph).
+    """
+    b = _POSITIONAL.get(n)
+    if b is None:
+        with _POSITIONAL_LOCK:  # graphs may be built in several threads at once
+            b = _POSITIONAL.get(n)
+            if b is None:
+                if len(_REFS) < n:
+                    _REFS.extend([Ref(i) for i in range(len(_REFS), n)])
+                b = _POSITIONAL[n] = Binding(args=tuple(_REFS[:n]))
+                if n > _NARROW:
+                    _WIDE.append(n)
+                    if len(_WIDE) > 8:
+                        del _POSITIONAL[_WIDE.pop(0)]
+    return b
 
 
 class Graph:
@@ -167,16 +237,16 @@ class Graph:
             )
         t = as_task(fn)
         deps = tuple(depends_on)
-        if len(set(deps)) != len(deps):
-            raise GraphError(f"task {name!r} lists a dependency twice in depends_on={deps!r}")
         if deps:
-            binding = Binding(args=tuple(Ref(i) for i in range(len(deps))))
+            if len(set(deps)) != len(deps):
+                raise GraphError(f"task {name!r} lists a dependency twice in depends_on={deps!r}")
+            binding = _positional_binding(len(deps))
         else:
             # a node without data dependencies receives the run's arguments,
             # whether or not it also waits (after=) for other nodes
             deps = (INPUT,)
-            binding = Binding(passthrough=True)
-        self._specs[name] = NodeSpec(name, t, deps, tuple(after), binding)
+            binding = _PASSTHROUGH
+        self._specs[name] = _node_spec(name, t, deps, tuple(after), binding)
         self._validated = None
         return self
 
@@ -265,25 +335,33 @@ class Graph:
         specs = self._specs
         if not specs:
             raise GraphError(f"graph {self.name!r} has no nodes; add at least one task")
-        known = ", ".join(repr(n) for n in list(specs)[:20])
-        for spec in specs.values():
-            for kind, names in (("depends on", spec.deps), ("runs after", spec.after)):
-                for dep in names:
-                    if dep != INPUT and dep not in specs:
-                        raise GraphError(
-                            f"task {spec.name!r} {kind} {dep!r}, but graph {self.name!r} "
-                            f"has no node {dep!r}; known nodes: {known}"
-                        )
-        order = _topological_order(self.name, specs)
-        for spec in specs.values():
-            _check_arity(self.name, spec)
-            if spec.task.executor == "process":
-                _check_picklable(spec)
+        # one pass over every edge: consumers (children) and in-degrees
         consumers: dict[str, list[str]] = {name: [] for name in specs}
+        indegree: dict[str, int] = {}
+        try:
+            for spec in specs.values():
+                n = 0
+                for src in spec.inputs:
+                    if src != INPUT:
+                        consumers[src].append(spec.name)
+                        n += 1
+                indegree[spec.name] = n
+        except KeyError:
+            _refuse_unknown_names(self.name, specs)
+            raise  # not reached: some name is unknown
+        order = _topological_order(self.name, specs, consumers, indegree)
+        # a node with the task and binding of the node before it (a builder's
+        # fan-out) is known to fit; a process task is shipped (pickled) once
+        fits: tuple[Any, Any] = (None, None)
+        shipped: set[int] = set()
         for spec in specs.values():
-            for src in spec.inputs:
-                if src != INPUT:
-                    consumers[src].append(spec.name)
+            t = spec.task
+            if t is not fits[0] or spec.binding is not fits[1]:
+                _check_arity(self.name, spec)
+                fits = (t, spec.binding)
+            if t.executor == "process" and id(t) not in shipped:
+                _check_picklable(spec)
+                shipped.add(id(t))
         leaves = tuple(name for name in order if not consumers[name])
         output = self._output
         if output is None:
@@ -292,12 +370,12 @@ class Graph:
         else:
             output_names = tuple(_template_names(output))
         self._validated = _Validated(
-            order=tuple(order),
-            consumers={k: tuple(v) for k, v in consumers.items()},
-            leaves=leaves,
-            output=output,
-            output_names=output_names,
-            entry=self._entry,
+            tuple(order),
+            {k: tuple(v) for k, v in consumers.items()},
+            leaves,
+            output,
+            output_names,
+            self._entry,
         )
         return self._validated
 
@@ -366,12 +444,31 @@ class EntrySpec:
     """
 
     mode: Literal["passthrough", "params"]
-    signature: inspect.Signature | None = None
+    _signature: inspect.Signature | None = None
     n_params: int = 0
+    fn: Any = field(default=None, repr=False, compare=False)
+    """The flow function, whose signature is read on first need when not given."""
 
     @classmethod
     def passthrough(cls) -> EntrySpec:
         return cls("passthrough")
+
+    @property
+    def signature(self) -> inspect.Signature | None:
+        """The flow function's signature (binding keyword or missing arguments).
+
+        Read lazily: a run called with exactly its positional parameters never
+        needs it, and ``inspect.signature`` costs more than tracing a small flow.
+        """
+        sig = self._signature
+        if sig is None and self.fn is not None:
+            sig = inspect.signature(self.fn)
+            object.__setattr__(self, "_signature", sig)
+        return sig
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # pickled with its signature, as before it was lazy: never with the function
+        return (EntrySpec, (self.mode, self.signature, self.n_params))
 
 
 @dataclass(frozen=True, slots=True)
@@ -401,24 +498,39 @@ class _OutRef:
     path: tuple[Any, ...] = ()
 
 
-def _topological_order(graph: str, specs: Mapping[str, NodeSpec]) -> list[str]:
-    """Kahn's algorithm; on a cycle, raise GraphError printing the cycle path."""
-    indegree = dict.fromkeys(specs, 0)
-    children: dict[str, list[str]] = {name: [] for name in specs}
+def _refuse_unknown_names(graph: str, specs: Mapping[str, NodeSpec]) -> None:
+    """Raise GraphError for the first dependency (in insertion order) naming no node."""
+    known = ", ".join(repr(n) for n in list(specs)[:20])
     for spec in specs.values():
-        for src in spec.inputs:
-            if src != INPUT:
-                indegree[spec.name] += 1
-                children[src].append(spec.name)
-    ready = [name for name, d in indegree.items() if d == 0]
-    order: list[str] = []
-    while ready:
-        name = ready.pop(0)
-        order.append(name)
-        for child in children[name]:
-            indegree[child] -= 1
-            if indegree[child] == 0:
-                ready.append(child)
+        for kind, names in (("depends on", spec.deps), ("runs after", spec.after)):
+            for dep in names:
+                if dep != INPUT and dep not in specs:
+                    raise GraphError(
+                        f"task {spec.name!r} {kind} {dep!r}, but graph {graph!r} "
+                        f"has no node {dep!r}; known nodes: {known}"
+                    )
+
+
+def _topological_order(
+    graph: str,
+    specs: Mapping[str, NodeSpec],
+    children: Mapping[str, list[str]],
+    indegree: dict[str, int],
+) -> list[str]:
+    """Kahn's algorithm (FIFO); on a cycle, raise GraphError printing the cycle path.
+
+    ``indegree`` is consumed. The order is the order in which nodes become
+    ready, roots first in insertion order.
+    """
+    order = [name for name, d in indegree.items() if d == 0]
+    i = 0
+    while i < len(order):
+        for child in children[order[i]]:
+            d = indegree[child] - 1
+            indegree[child] = d
+            if d == 0:
+                order.append(child)
+        i += 1
     if len(order) != len(specs):
         cycle = _find_cycle(specs, {n for n, d in indegree.items() if d > 0})
         path = " -> ".join(repr(n) for n in cycle)
@@ -449,9 +561,10 @@ def _find_cycle(specs: Mapping[str, NodeSpec], candidates: set[str]) -> list[str
 
 def _fits_positionally(fn: Any, n: int) -> bool:
     """Fast check, from the code object, that a plain function accepts ``n`` positional args."""
-    code = getattr(fn, "__code__", None)
-    if code is None or not isinstance(fn, FunctionType) or hasattr(fn, "__wrapped__"):
-        return False  # a wrapper: let inspect read the wrapped signature
+    # (a function's own attributes live in its __dict__: no hasattr, which raises inside)
+    if type(fn) is not FunctionType or "__wrapped__" in fn.__dict__:
+        return False  # not a plain function, or a wrapper: let inspect read the signature
+    code = fn.__code__
     if code.co_kwonlyargcount and len(fn.__kwdefaults__ or ()) < code.co_kwonlyargcount:
         return False  # a required keyword-only parameter: let inspect explain
     required = code.co_argcount - len(fn.__defaults__ or ())
@@ -466,7 +579,7 @@ def _check_arity(graph: str, spec: NodeSpec) -> None:
     if b.passthrough:
         return  # root of a builder graph: bound against the run's arguments at run time
     args: tuple[Any, ...] = b.args
-    kwargs = dict(b.kwargs)
+    kwargs = dict(b.kwargs) if b.kwargs else {}
     if b.map_over:
         args, kwargs = (None,), {}
     if not kwargs and not t.is_class and _fits_positionally(t.fn, len(args)):

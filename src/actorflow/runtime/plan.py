@@ -27,7 +27,16 @@ from typing import Any
 
 from actorflow._markers import SKIP
 from actorflow.errors import GraphError
-from actorflow.graph import INPUT, Gather, Graph, NodeSpec, Ref, _OutRef, _Validated
+from actorflow.graph import (
+    _POSITIONAL,
+    INPUT,
+    Gather,
+    Graph,
+    NodeSpec,
+    Ref,
+    _OutRef,
+    _Validated,
+)
 
 __all__ = ["NodePlan", "Plan", "SegmentPlan", "compile_plan"]
 
@@ -127,10 +136,6 @@ def compile_plan(graph: Graph) -> Plan:
     if cached is not None and cached.validated is validated:
         return cached  # type: ignore[no-any-return]
     specs = graph._specs
-    nodes: dict[str, NodePlan] = {}
-    for name in validated.order:
-        nodes[name] = _node_plan(specs[name])
-
     sink_ports = tuple(dict.fromkeys([*validated.output_names, *validated.leaves]))
     sink_feeds = {name: i for i, name in enumerate(sink_ports)}
     consumers = validated.consumers
@@ -163,54 +168,60 @@ def compile_plan(graph: Graph) -> Plan:
         # fused code stops an item at its first skip: only right when the next node
         # uses its input directly (not only through after= or inside a gather)
         b = node.spec.binding
-        return b.passthrough or any(
-            isinstance(t, Ref) for t in (*b.args, *(v for _, v in b.kwargs))
-        )
+        if b.passthrough or (b.args and isinstance(b.args[0], Ref)):
+            return True  # the usual shapes, decided without a scan
+        return any(isinstance(t, Ref) for t in (*b.args, *(v for _, v in b.kwargs)))
 
-    def fuse(prev: NodePlan, node: NodePlan) -> bool:
-        if not direct(node):
-            return False
-        if fusable(prev) and fusable(node):
-            return True
-        return (
-            fusable_process(prev)
-            and fusable_process(node)
-            and prev.spec.task.workers == node.spec.task.workers
-        )
-
+    # nodes are compiled and placed in topological order: a node's inputs are placed
+    # before it; nodes sharing a binding share their compiled call (see _node_plan)
+    nodes: dict[str, NodePlan] = {}
+    fits: dict[str, bool] = {}  # node name -> fusable(node)
+    calls: dict[tuple[int, int, int], tuple[str, dict[str, Any], Any]] = {}
     seg_of: dict[str, int] = {}
     segments: list[SegmentPlan] = []
     for name in validated.order:
-        node = nodes[name]
-        if len(node.ports) == 1 and node.ports[0] != INPUT:
-            prev = node.ports[0]
-            prev_node = nodes[prev]
-            if (
-                fuse(prev_node, node)
-                and consumers[prev] == (name,)
-                and prev not in sink_feeds
-                and segments[seg_of[prev]].tail is prev_node
-            ):
+        node = nodes[name] = _node_plan(specs[name], calls)
+        fit = fits[name] = fusable(node)
+        ports = node.ports
+        if len(ports) == 1 and ports[0] != INPUT:
+            prev = ports[0]
+            if consumers[prev] == (name,) and prev not in sink_feeds:
+                prev_node = nodes[prev]
                 seg = segments[seg_of[prev]]
-                seg.nodes.append(node)
-                seg_of[name] = seg.index
-                continue
+                if (
+                    seg.nodes[-1] is prev_node
+                    and direct(node)
+                    and (
+                        (fit and fits[prev])
+                        or (
+                            fusable_process(prev_node)
+                            and fusable_process(node)
+                            and prev_node.spec.task.workers == node.spec.task.workers
+                        )
+                    )
+                ):
+                    seg.nodes.append(node)
+                    seg_of[name] = seg.index
+                    continue
         seg_of[name] = len(segments)
         segments.append(SegmentPlan(len(segments), [node], []))
 
     roots: list[tuple[int, int]] = []
     for seg in segments:
-        head = seg.head
-        for port, src in enumerate(head.ports):
+        index = seg.index
+        chain = seg.nodes
+        for port, src in enumerate(chain[0].ports):
             if src == INPUT:
-                roots.append((seg.index, port))
+                roots.append((index, port))
             else:
-                src_seg = segments[seg_of[src]]
-                src_seg.consumers.append((seg.index, port))
-        tail = seg.tail
-        if tail.name in sink_feeds:
-            seg.consumers.append((-1, sink_feeds[tail.name]))
-        seg.fusable = all(fusable(n) for n in seg.nodes)
+                segments[seg_of[src]].consumers.append((index, port))
+        feed = sink_feeds.get(chain[-1].name)
+        if feed is not None:
+            seg.consumers.append((-1, feed))
+        if len(chain) == 1:
+            seg.fusable = fits[chain[0].name]
+        else:
+            seg.fusable = all(fits[n.name] for n in chain)
     sink_input_roots = [i for i, name in enumerate(sink_ports) if name == INPUT]
     if sink_input_roots:  # the flow returns one of its own parameters
         roots.extend((-1, port) for port in sink_input_roots)
@@ -234,30 +245,54 @@ def compile_plan(graph: Graph) -> Plan:
 # -- per-node compilation ------------------------------------------------------
 
 
-def _node_plan(spec: NodeSpec) -> NodePlan:
+def _node_plan(
+    spec: NodeSpec, calls: dict[tuple[int, int, int], tuple[str, dict[str, Any], Any]]
+) -> NodePlan:
+    """Compile one node; ``calls`` shares the call of nodes with the same binding object.
+
+    A binding (and, for a passthrough root, the task) fully determines the call
+    expression, its constants and the compiled call, so the many nodes of a
+    builder graph that share one binding (see ``graph._positional_binding``)
+    are compiled once.
+    """
     ports = spec.inputs
     n_data = len(spec.deps)
     if not ports:
         ports = (INPUT,)  # a node of constants only fires once per item
-    consts: dict[str, Any] = {}
-    expr = _call_expr(spec, len(ports), consts)
-    call = _SHARED_CALLS.get(expr)
-    if call is None and not consts and len(ports) > 1 and expr == _positional_join(len(ports)):
-        call = _star_call  # f(v[0], ..., v[n-1]): the usual join of n inputs
-    if call is None or consts:
-        ns = {**consts, "SKIP": SKIP}
-        call = eval(_compiled(f"lambda f, v: {expr}", "eval"), ns)
-    return NodePlan(
-        name=spec.name,
-        spec=spec,
-        ports=ports,
-        n_data=n_data,
-        expr=expr,
-        consts=consts,
-        call=call,
-        is_class=spec.task.is_class,
-        kind="map" if spec.binding.map_over else spec.kind,
-        first_arg=_first_arg(spec, len(ports)) if spec.task.key is not None else None,
+    b = spec.binding
+    t = spec.task
+    n_ports = len(ports)
+    if b.passthrough:
+        memo, key = calls, (id(b), n_ports, id(t))  # the call depends on the task's signature
+    elif _POSITIONAL.get(len(b.args)) is b:
+        memo, key = _POSITIONAL_CALLS, (len(b.args), n_ports, -1)  # shared for good
+    else:
+        memo, key = calls, (id(b), n_ports, 0)
+    known = memo.get(key)
+    if known is None:
+        consts: dict[str, Any] = {}
+        expr = _call_expr(spec, n_ports, consts)
+        call = _SHARED_CALLS.get(expr)
+        if call is None and not consts and n_ports > 1 and expr == _positional_join(n_ports):
+            call = _star_call  # f(v[0], ..., v[n-1]): the usual join of n inputs
+        if call is None or consts:
+            ns = {**consts, "SKIP": SKIP}
+            call = eval(_compiled(f"lambda f, v: {expr}", "eval"), ns)
+        if memo is _POSITIONAL_CALLS and len(memo) >= 1024:
+            memo.clear()  # bounded: widths come and go (see graph._positional_binding)
+        known = memo[key] = (expr, consts, call)
+    expr, consts, call = known
+    return NodePlan(  # positional: a quarter of the cost of keywords, per node
+        spec.name,
+        spec,
+        ports,
+        n_data,
+        expr,
+        consts,
+        call,
+        t.is_class,
+        "map" if b.map_over else spec.kind,
+        _first_arg(spec, len(ports)) if t.key is not None else None,
     )
 
 
@@ -307,6 +342,9 @@ def _call_expr(spec: NodeSpec, n_ports: int, consts: dict[str, Any]) -> str:
 
 
 _CODE_CACHE: dict[tuple[str, str], Any] = {}
+# (n args, n ports, -1) -> (expr, consts, call) of graph._positional_binding(n args): those
+# bindings are shared by every graph, so their calls are compiled once per process
+_POSITIONAL_CALLS: dict[tuple[int, int, int], tuple[str, dict[str, Any], Any]] = {}
 _SHARED_CALLS: dict[str, Callable[[Any, Any], Any]] = {
     "f(v)": lambda f, v: f(v),
     "f()": lambda f, v: f(),
