@@ -299,6 +299,7 @@ class Segment:
         "is_process",
         "joiner",
         "key_fn",
+        "lane",
         "lock",
         "n_ports",
         "name",
@@ -374,6 +375,14 @@ class Segment:
         self.rr = itertools.count()
         self.asem: Any = None  # the node's asyncio.Semaphore(concurrency), made in the loop
         self.simple = n_ports == 1 and key_fn is None and workers == 1
+        # a lone plain function thread task: a single clean item needs only the call
+        self.lane = (
+            len(nodes) == 1
+            and head.kind == "task"
+            and not head.is_class
+            and executor == "thread"
+            and head_task.timeout is None
+        )
 
     # -- lifecycle -----------------------------------------------------------
     def open(self) -> None:
@@ -542,16 +551,19 @@ class Segment:
         """
         batches = 0
         requeue = False
+        work = self.work
+        keyed = self.key_fn is not None
+        head = self.stats[0]
         while True:
-            wake: list[Segment] = []
+            wake: list[Segment] | None = None
             with self.lock:
-                if not self.work or self.throttle > 0 or self.cancelled:
+                if not work or self.throttle > 0 or self.cancelled:
                     self.running -= 1
                     return
                 if batches >= _QUANTUM:
                     requeue = True
                     break
-                entry = self._take_work()
+                entry = self._take_work() if keyed else work.popleft()
                 if entry is None:
                     self.running -= 1
                     return
@@ -561,9 +573,9 @@ class Segment:
                 self.queued -= n
                 if self.waiters and self.queued <= self.capacity // 2:
                     wake, self.waiters = self.waiters, []
-            for w in wake:
-                w.unthrottle()
-            head = self.stats[0]
+            if wake is not None:
+                for w in wake:
+                    w.unthrottle()
             if self.is_async:  # hand the batch to the event loop; do not wait for it
                 self._start_async(ticket, ids, vals, special)
                 continue
@@ -922,6 +934,23 @@ class Segment:
         careful = self.careful
         n = len(vals)
         if n == 1 and not special and not _log.isEnabledFor(logging.DEBUG):
+            if self.lane:  # one plain function node, one clean item: the call, timed
+                v = vals[0]
+                stats = self.stats[0]
+                t0 = time.perf_counter()
+                try:
+                    r = self.plan.nodes[0].call(self.fns[0], v)
+                except Exception as error:
+                    r = self._on_error(0, ids[0], v, error, 1, pin)
+                    if r is _PENDING:
+                        return ids[:0], [], False
+                    return ids, [r], True
+                stats.sample(time.perf_counter() - t0)
+                if r is SKIP:
+                    stats.skipped += 1
+                    return ids, [r], True
+                stats.done += 1
+                return ids, [r], False
             r = careful(ids[0], vals[0], 0, timed=True, clean=True, pin=pin)  # a single item
             if r is _PENDING:
                 return ids[:0], [], False
