@@ -395,6 +395,50 @@ def test_log_records_of_workers_reach_the_parents_loggers(
     assert "ValueError: boom" in failed.exc_text
 
 
+def test_a_lease_runs_a_series_of_batches_on_one_worker(pool: ProcessPool) -> None:
+    pool.register("pids", [pid_of])
+    chunks = [list(range(i, i + 5)) for i in range(0, 20, 5)]
+    seen: list[list[Any]] = []
+    with pool.lease("pids") as lease:
+        lease.send(chunks[0])
+        for nxt in chunks[1:]:
+            values, fails = lease.wait()
+            lease.send(nxt)  # the worker computes while we look at the results
+            assert not fails
+            seen.append(values)
+        values, fails = lease.wait()
+        seen.append(values)
+    assert len({pid for values in seen for pid in values}) == 1  # one worker, held
+    with pytest.raises(RuntimeError, match="released"):
+        lease.send([1])
+
+
+def test_a_lease_isolates_an_item_that_kills_its_worker(pool: ProcessPool) -> None:
+    pool.register("exit3", [exit_on_three])
+    with pool.lease("exit3") as lease:
+        lease.send(list(range(6)))
+        values, fails = lease.wait()
+        lease.send([7, 8])
+        assert lease.wait() == ([7, 8], {})  # the restarted worker serves the lease
+    assert [v for i, v in enumerate(values) if i not in fails] == [0, 1, 2, 4, 5]
+    crashed = fails[3]
+    assert isinstance(crashed, Crashed)
+    assert crashed.exitcode == 3
+
+
+def test_releasing_a_lease_with_a_batch_in_flight_stops_that_worker(
+    pool: ProcessPool, events: Events
+) -> None:
+    pool.register("sleepy", [sleep_then_return])
+    lease = pool.lease("sleepy")
+    lease.send([60.0])
+    busy = [w["pid"] for w in pool.stats() if w["busy"]]
+    assert len(busy) == 1
+    lease.release()  # never waited for: the worker's state is unknown
+    assert _gone(busy[0])
+    assert values(pool.call_batch("sleepy", [1, 2])) == [1, 2]  # the pool goes on
+
+
 def test_unpicklable_input_fails_only_its_item(pool: ProcessPool) -> None:
     pool.register("inc", [inc])
     first, err, last = pool.call_batch("inc", [1, threading.Lock(), 3])

@@ -300,6 +300,7 @@ class Segment:
         "joiner",
         "key_fn",
         "lane",
+        "leasable",
         "lock",
         "n_ports",
         "name",
@@ -375,6 +376,8 @@ class Segment:
         self.rr = itertools.count()
         self.asem: Any = None  # the node's asyncio.Semaphore(concurrency), made in the loop
         self.simple = n_ports == 1 and key_fn is None and workers == 1
+        # a process chain of functions: clean batches go through a leased worker
+        self.leasable = self.is_process and not head.is_class
         # a lone plain function thread task: a single clean item needs only the call
         self.lane = (
             len(nodes) == 1
@@ -579,6 +582,20 @@ class Segment:
             if self.is_async:  # hand the batch to the event loop; do not wait for it
                 self._start_async(ticket, ids, vals, special)
                 continue
+            if self.leasable and not special:  # clean batches through one leased worker
+                in_hand: list[tuple[int, Any, list[Any], bool, int]] = []
+                try:
+                    batches = self._run_leased(ticket, ids, vals, batches, in_hand)
+                except Exception as exc:
+                    with self.lock:  # put back what was taken and not emitted, in order
+                        for held_entry in reversed(in_hand):
+                            work.appendleft(held_entry)
+                            self.queued += len(held_entry[2])
+                            head.in_flight -= len(held_entry[2])
+                        self.running -= 1
+                    self.ctx.on_segment_crash(self, exc)
+                    return
+                continue
             head.in_flight += n
             try:
                 out_ids, out, out_special = self.process(ids, vals, special, pin)
@@ -611,6 +628,83 @@ class Segment:
             self.schedule(self)
 
     # -- process tasks (the run's pool of worker processes) -----------------------
+    def _run_leased(
+        self,
+        ticket: int,
+        ids: Any,
+        vals: list[Any],
+        batches: int,
+        in_hand: list[tuple[int, Any, list[Any], bool, int]],
+    ) -> int:
+        """Run clean batches of a process chain through one leased worker, pipelined.
+
+        The next queued clean batch is sent before this one's results are
+        counted and emitted, so the worker computes while this thread works.
+        Stops at a special batch, an empty queue, a throttle, cancellation or
+        the quantum; returns the number of batches taken so far. ``in_hand``
+        lists the batches taken and not yet emitted (put back on an internal
+        error). A throttle lets through the one batch already sent.
+        """
+        pool = self.ctx.process_pool()
+        key = self.pool_key or self._register_remote(pool)
+        timeout = self.nodes[0].spec.task.timeout
+        head = self.stats[0]
+        work = self.work
+        entry = (ticket, ids, vals, False, -1)
+        in_hand.append(entry)
+        head.in_flight += len(vals)
+        with pool.lease(key) as lease:
+            self._check_injected()
+            t0 = time.perf_counter()
+            lease.send(vals, timeout=timeout)
+            while True:
+                values, fails = lease.wait()
+                ticket, ids, vals = entry[0], entry[1], entry[2]
+                now = time.perf_counter()
+                head.sample((now - t0) / len(vals))
+                nxt = None
+                wake: list[Segment] | None = None
+                if batches < _QUANTUM:
+                    with self.lock:
+                        if work and not work[0][3] and not self.throttle and not self.cancelled:
+                            nxt = work.popleft()
+                            batches += 1
+                            self.queued -= len(nxt[2])
+                            if self.waiters and self.queued <= self.capacity // 2:
+                                wake, self.waiters = self.waiters, []
+                if wake is not None:
+                    for w in wake:
+                        w.unthrottle()
+                if nxt is not None:
+                    in_hand.append(nxt)
+                    head.in_flight += len(nxt[2])
+                    self._check_injected()
+                    t0 = now
+                    lease.send(nxt[2], timeout=timeout)
+                skipped = self._remote_results(ids, vals, values, fails, None, -1)
+                out_ids, out, out_special = ids, values, skipped > 0
+                if fails:
+                    held = sum(1 for o in values if o is _PENDING)
+                    out_ids, out = self._without_held(ids, values, held)
+                    out_special = True
+                in_hand.remove(entry)
+                head.in_flight -= len(vals)
+                if self.workers == 1:
+                    throttled = self.emit(out_ids, out, out_special) if out else 0
+                    if throttled:
+                        with self.lock:
+                            self.throttle += throttled
+                else:
+                    self._emit_in_order(ticket, (out_ids, out, out_special))
+                if nxt is None:
+                    return batches
+                entry = nxt
+
+    def _check_injected(self) -> None:
+        if self.crash_next:  # fault injection (actorflow.testing): an internal error
+            self.crash_next -= 1
+            raise InjectedCrash(f"injected crash in node {self.crash_target or self.name!r}")
+
     def _register_remote(self, pool: Any) -> str:
         key = f"{self.plan.index}:{self.name}"
         head = self.nodes[0]

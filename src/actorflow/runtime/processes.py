@@ -170,6 +170,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Crashed",
     "Err",
+    "Lease",
     "Ok",
     "Outcome",
     "PoolClosed",
@@ -1434,20 +1435,32 @@ class ProcessPool:
         batch: _Batch,
         fails: dict[int, Outcome],
         timeout: float | None,
+        in_flight: tuple[Sequence[int], int, _Exchange] | None = None,
     ) -> None:
+        """Run the batch to its end: every item gets a value or a failure.
+
+        ``in_flight``: the first request was already sent (``(group, batch_id,
+        exchange)``, see :class:`Lease`); its results are collected first.
+        """
         values = batch.values
-        groups: deque[Sequence[int]] = deque([range(len(batch.items))])
+        groups: deque[Sequence[int]] = deque()
+        if in_flight is None:
+            groups.append(range(len(batch.items)))
         undelivered = 0
-        while groups:
-            group = groups.popleft()
-            data = batch.encode(group, fails)
-            if data is None:
-                continue  # no item of the group pickles: each has its Err already
-            group, items = data
-            self._ensure_started(slot)
-            batch_id = next(self._batch_ids)
-            message = self._request(slot, target, batch_id, timeout is not None, group, items)
-            ex = self._exchange(slot, message, len(group), batch_id, timeout, target)
+        while groups or in_flight is not None:
+            if in_flight is not None:
+                group, batch_id, ex = in_flight
+                in_flight = None
+                if ex.fate == "done":
+                    ex = self._collect(slot, ex, len(group), batch_id, timeout, target)
+            else:
+                group = groups.popleft()
+                sent = self._send_group(slot, target, batch, group, fails, timeout)
+                if sent is None:
+                    continue  # no item of the group pickles: each has its Err already
+                group, batch_id, ex = sent
+                if ex.fate == "done":
+                    ex = self._collect(slot, ex, len(group), batch_id, timeout, target)
             if ex.fate == "resend":
                 batch.bulk = False  # an item does not unpickle in the worker
                 groups.appendleft(group)
@@ -1500,6 +1513,44 @@ class ProcessPool:
             else:  # isolation: re-send each unreturned item alone, in order
                 groups.extendleft(reversed([[i] for i in left]))
 
+    def _send_group(
+        self,
+        slot: _Slot,
+        target: _Target,
+        batch: _Batch,
+        group: Sequence[int],
+        fails: dict[int, Outcome],
+        timeout: float | None,
+    ) -> tuple[Sequence[int], int, _Exchange] | None:
+        data = batch.encode(group, fails)
+        if data is None:
+            return None
+        group, items = data
+        self._ensure_started(slot)
+        batch_id = next(self._batch_ids)
+        message = self._request(slot, target, batch_id, timeout is not None, group, items)
+        return group, batch_id, self._send(slot, message, len(group), batch_id)
+
+    def lease(self, key: str) -> Lease:
+        """Hold one worker for a series of batches of the chain ``key`` (blocks for it).
+
+        A lease sends the next batch before the caller handles the previous
+        batch's results, so the worker computes while the caller works: see
+        :class:`Lease`. Release it promptly (other calls wait for its worker).
+
+        Example::
+
+            with pool.lease("parse_keep") as lease:
+                lease.send(chunk1)
+                values, fails = lease.wait()
+        """
+        with self._cond:
+            code = self._chains.get(key)
+        if code is None:
+            raise KeyError(f"no chain {key!r} is registered in process pool {self.name!r}")
+        target = _Target(_RUN, key, code)
+        return Lease(self, self._acquire(None, target.code_key, code.version), target)
+
     def _request(
         self,
         slot: _Slot,
@@ -1528,15 +1579,34 @@ class ProcessPool:
         timeout: float | None,
         target: _Target,
     ) -> _Exchange:
-        assert slot.process is not None
+        ex = self._send(slot, message, n, batch_id)
+        if ex.fate != "done":
+            return ex
+        return self._collect(slot, ex, n, batch_id, timeout, target)
+
+    def _send(self, slot: _Slot, message: bytes, n: int, batch_id: int) -> _Exchange:
+        """Send one request; the exchange is lost (fate set) if the worker is gone."""
         assert slot.to_worker is not None
-        assert slot.from_worker is not None
-        conn, sentinel = slot.from_worker, slot.process.sentinel
         ex = _Exchange([_NOT_BACK] * n, {})
         try:
             slot.to_worker.send_bytes(message)
         except OSError:
             return self._lost(slot, ex, in_flight=n, batch_id=batch_id)
+        return ex
+
+    def _collect(
+        self,
+        slot: _Slot,
+        ex: _Exchange,
+        n: int,
+        batch_id: int,
+        timeout: float | None,
+        target: _Target,
+    ) -> _Exchange:
+        """Wait for a sent request's results (deaths and timeouts noticed at once)."""
+        assert slot.process is not None
+        assert slot.from_worker is not None
+        conn, sentinel = slot.from_worker, slot.process.sentinel
         last_stage = target.code.stages - 1
         while ex.count < n:
             record = None
@@ -1985,6 +2055,94 @@ class ProcessPool:
             for slot in self._slots:
                 self._stop(slot, kill=kill, reason="shutdown")
             self._finalizer()
+
+
+class Lease:
+    """One worker of a :class:`ProcessPool`, held for a series of batches of one chain.
+
+    ``send(items)`` encodes a batch and sends it at once; ``wait()`` returns its
+    ``(values, failures)`` exactly like :meth:`ProcessPool.run_batch` (deaths,
+    isolation and timeouts included). One batch at a time is in flight; the
+    point is the order: ``wait()``, then ``send()`` the next batch, then handle
+    the results while the worker computes. ``release()`` (or leaving the
+    ``with`` block) gives the worker back; a batch sent and never waited for
+    leaves the worker in an unknown state, so it is then stopped.
+
+    Example::
+
+        with pool.lease("parse_keep") as lease:
+            lease.send(chunks[0])
+            for nxt in chunks[1:]:
+                values, fails = lease.wait()
+                lease.send(nxt)
+                handle(values, fails)
+            handle(*lease.wait())
+    """
+
+    def __init__(self, pool: ProcessPool, slot: _Slot, target: _Target) -> None:
+        self._pool = pool
+        self._slot: _Slot | None = slot
+        self._target = target
+        self._pending: tuple[_Batch, dict[int, Outcome], float | None, Any] | None = None
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+    def send(self, items: Sequence[Any], *, timeout: float | None = None) -> None:
+        """Encode and send a batch (the previous one must have been waited for)."""
+        slot = self._slot
+        if slot is None:
+            raise RuntimeError("this lease was released")
+        if self._pending is not None:
+            raise RuntimeError("wait() for the batch in flight before sending another")
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds or None, not {timeout!r}")
+        batch = _Batch(items)
+        fails: dict[int, Outcome] = {}
+        sent = None
+        if batch.items:
+            try:
+                sent = self._pool._send_group(
+                    slot, self._target, batch, range(len(batch.items)), fails, timeout
+                )
+            except BaseException:
+                self._break()
+                raise
+        self._pending = (batch, fails, timeout, sent)
+
+    def wait(self) -> tuple[list[Any], dict[int, Outcome]]:
+        """The results of the batch in flight: ``(values, failures)``."""
+        slot, pending = self._slot, self._pending
+        if slot is None or pending is None:
+            raise RuntimeError("no batch in flight on this lease")
+        batch, fails, timeout, sent = pending
+        self._pending = None
+        if batch.items:
+            try:
+                self._pool._drive(slot, self._target, batch, fails, timeout, in_flight=sent)
+            except BaseException:
+                self._break()
+                raise
+        return batch.values, fails
+
+    def _break(self) -> None:
+        slot = self._slot
+        self._pending = None
+        if slot is not None and slot.process is not None:  # state unknown: mid-batch
+            self._pool._stop(slot, kill=True, reason="call interrupted")
+
+    def release(self) -> None:
+        """Give the worker back to the pool (idempotent)."""
+        slot = self._slot
+        if slot is None:
+            return
+        if self._pending is not None:
+            self._break()
+        self._slot = None
+        self._pool._release(slot)
 
 
 def _outcomes(values: list[Any], fails: dict[int, Outcome]) -> list[Outcome]:
