@@ -94,6 +94,31 @@ def test_bad_lines_in_a_stream_fail_alone_at_the_right_stage_and_the_rest_flow()
     assert (keep.done, keep.skipped, keep.failed) == (len(expected), 298 - len(expected), 1)
 
 
+@af.task
+def skip_zero(x: int) -> Any:
+    return af.SKIP if x == 0 else x
+
+
+@af.task
+def plus_one(x: int) -> int:
+    return x + 1
+
+
+@af.task(executor="process")
+def add_all(xs: list[int]) -> int:
+    return sum(xs)
+
+
+@af.flow
+def gathered(x: int) -> Any:
+    return add_all([skip_zero(x), skip_zero(plus_one(x)), plus_one(plus_one(x))])
+
+
+def test_a_gather_with_skipped_elements_reaches_a_process_task_without_them() -> None:
+    with gathered.start(processes=1) as running:
+        assert list(running.map([0, 1, 5])) == [1 + 2, 1 + 2 + 3, 5 + 6 + 7]  # 0 left out
+
+
 @af.task(executor="process")
 def chatty(x: int) -> int:
     import logging

@@ -239,7 +239,42 @@ def _refuse_in_worker(parent_pid: int) -> Unloadable:
     return Unloadable()
 
 
-def batch_loop(vals: list[Any], out: list[Any], err: list[Any]) -> None:
+class NeedsTwo(Exception):
+    """Pickles in the worker; unpickling calls NeedsTwo(a), which raises TypeError."""
+
+    def __init__(self, a: str, b: int) -> None:
+        super().__init__(a)
+        self.b = b
+
+
+def two_arg_error_for_one(x: int) -> Any:
+    return NeedsTwo("bad", 2) if x == 1 else x * 10
+
+
+def logs_odd_extra(x: int) -> int:
+    import enum
+
+    class Level(enum.IntEnum):  # local: its members cannot be pickled
+        HIGH = 2
+
+    logging.getLogger("tests.worker").warning("odd extra", extra={"level": Level.HIGH})
+    return x
+
+
+def generated_loop_for(fn: Any) -> Any:
+    """The batch loop plan.py generates for a one-node process chain calling ``fn``."""
+    from actorflow.runtime.plan import compile_plan
+
+    task = af.task(fn, executor="process")
+
+    @af.flow
+    def one(x: Any) -> Any:
+        return task(x)
+
+    return compile_plan(one.graph).segments[0].remote_loop()
+
+
+def batch_loop(vals: Any, out: list[Any], err: list[Any], deadline: float) -> None:
     """A hand-written ``loop=`` for the chain [inc, double]: what plan.py generates."""
     for item in vals:
         try:
@@ -439,6 +474,28 @@ def test_releasing_a_lease_with_a_batch_in_flight_stops_that_worker(
     assert values(pool.call_batch("sleepy", [1, 2])) == [1, 2]  # the pool goes on
 
 
+def test_a_result_the_parent_cannot_unpickle_fails_only_its_item(pool: ProcessPool) -> None:
+    pool.register("two", [two_arg_error_for_one], loop=generated_loop_for(two_arg_error_for_one))
+    first, err, last = pool.call_batch("two", [0, 1, 2])
+    assert (first, last) == (Ok(0), Ok(20))
+    assert isinstance(err, Err)
+    assert err.error.error_type == "PicklingError"
+    assert "could not be unpickled in the parent" in err.error.message
+
+
+def test_a_log_record_with_an_unpicklable_extra_arrives_as_text(
+    events: Events, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    with ProcessPool(1, name="odd", on_event=events) as p:
+        p.register("odd", [logs_odd_extra])
+        assert values(p.call_batch("odd", [0, 1, 2])) == [0, 1, 2]
+    assert events.named("worker_died") == []
+    records = [r for r in caplog.records if r.name == "tests.worker"]
+    assert len(records) == 3
+    assert all(r.__dict__["level"] == "<Level.HIGH: 2>" for r in records)
+
+
 def test_unpicklable_input_fails_only_its_item(pool: ProcessPool) -> None:
     pool.register("inc", [inc])
     first, err, last = pool.call_batch("inc", [1, threading.Lock(), 3])
@@ -502,6 +559,23 @@ def test_worker_killed_mid_batch_keeps_returned_results_and_resends_the_rest(
     (died,) = events.named("worker_died")
     assert died["pid"] == victim
     assert died["reason"] == "was killed by SIGKILL"
+
+
+def test_the_generated_loop_flushes_slow_items_so_a_death_loses_none(
+    solo: ProcessPool, events: Events, tmp_path: Path
+) -> None:
+    solo.register("logged", [logged_slow], loop=generated_loop_for(logged_slow))
+    items = [(str(tmp_path), i) for i in range(8)]
+    result: list[Any] = []
+    caller = threading.Thread(target=lambda: result.extend(solo.call_batch("logged", items)))
+    caller.start()
+    wait_until(lambda: (tmp_path / "started-3").exists())
+    os.kill(int((tmp_path / "ran-3").read_text().split()[0]), signal.SIGKILL)
+    caller.join(timeout=30)
+    assert values(result) == list(range(8))
+    runs = {i: (tmp_path / f"ran-{i}").read_text().split() for i in range(8)}
+    assert all(len(runs[i]) == 1 for i in (0, 1, 2, 4, 5, 6, 7)), runs  # flushed, kept
+    assert len(runs[3]) == 2
 
 
 def test_worker_killed_while_idle_is_restarted_on_next_use(

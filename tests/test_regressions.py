@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 import actorflow as af
+from tests.conftest import wait_until
 
 
 @pytest.fixture
@@ -305,3 +306,48 @@ def test_odd_keyword_names_survive_code_generation() -> None:
 
     with f.start() as running:
         assert list(running.map(range(3))) == [["f-x"]] * 3
+
+
+def test_a_blocked_node_does_not_hold_up_others_while_a_retry_timer_is_pending() -> None:
+    # review: schedule() only woke a watcher that slept without a timeout, so while a
+    # retry timer was pending a job queued behind a blocked host waited for that host
+    release = threading.Event()
+    blocked = threading.Event()
+    first = threading.Event()
+    quick_ran = threading.Event()
+
+    @af.task(retries=1, backoff=af.Backoff(initial=30.0, factor=1.0, maximum=30.0, jitter=0.0))
+    def flaky(x: str) -> str:
+        if x == "f" and not first.is_set():
+            first.set()
+            raise ValueError("fails once; its retry waits on the run's timer")
+        return x
+
+    @af.task
+    def hold(x: str) -> str:
+        if x == "s":
+            blocked.set()
+            release.wait(30)
+        return x
+
+    @af.task
+    def quick(x: str) -> str:
+        if x == "q":
+            quick_ran.set()
+        return x
+
+    @af.flow
+    def f(x: str) -> Any:
+        return [flaky(x), hold(x), quick(x)]
+
+    with f.start() as running:
+        running.submit("f")  # leaves a 30 s retry timer pending
+        pool = running._pool
+        wait_until(lambda: bool(pool._timers) and not pool.ready and len(pool.idle) == pool.n_hosts)
+        held = running.submit("s")
+        wait_until(blocked.is_set)  # a host is now blocked in hold("s")
+        running.submit("q")  # quick("q") needs another host: the watcher must notice
+        assert quick_ran.wait(timeout=10)
+        release.set()
+        assert held.result(timeout=10) == ["s", "s", "s"]
+        running.stop(drain=False)  # the pending retry is not waited for

@@ -281,14 +281,14 @@ class HostPool:
         if self._timers:
             until = self._timers[0][0] - time.monotonic()
             timeout = until if timeout is None else min(timeout, until)
-        if timeout is None:
-            self._watch_sleeping = True
+        if timeout is None or timeout > 0:
+            # not polling at stall_s (asleep, or waiting for a later timer): schedule()
+            # must wake us when it queues a job, or a stall would go unseen until then
+            self._watch_sleeping = timeout is None or timeout > self.stall_s
             try:
-                self.cond.wait()
+                self.cond.wait(timeout)
             finally:
                 self._watch_sleeping = False
-        elif timeout > 0:
-            self.cond.wait(timeout)
         self._fire_timers()
 
     def call_later(self, delay: float, fn: Callable[..., None], *args: Any) -> None:

@@ -14,8 +14,11 @@ stack of the loop's thread, matched against the async calls in flight) and then:
 - otherwise, after ``WARN_S``, logs ``async_task_blocking_loop`` (WARNING) once per
   call, naming the task and the item.
 
-At stop, a loop that does not stop because a coroutine holds it gets
-``CancelledError`` raised the same way (a few times, then an ERROR is logged).
+At stop, a loop that does not stop because a task's coroutine holds it gets
+``CancelledError`` raised the same way (a few times, then an ERROR is logged and
+the loop's daemon thread is left to the interpreter: a coroutine stuck in one C
+call cannot be interrupted; it is the event-loop analogue of an abandoned
+timed-out thread).
 
 Limits: the exception is delivered between bytecodes, so code blocked inside one C
 call (``time.sleep``, a C extension's loop) is interrupted only when that call
@@ -99,7 +102,7 @@ class LoopWatch:
     # -- in the loop ---------------------------------------------------------------
     def _beat(self) -> None:
         self.beat = time.monotonic()
-        if not self.stopping:
+        if not self.loop.is_closed():  # beats on during stop: a free loop is not "held"
             self.loop.call_later(BEAT_S, self._beat)
 
     def enter(self, coro: Any, task: str, item: Any, timeout: float | None) -> Any:
@@ -187,8 +190,8 @@ class LoopWatch:
             join(1.0)
             if not self.thread.is_alive():
                 return True
-            if time.monotonic() - self.beat >= STALL_S:
-                _raise_in(self.thread, asyncio.CancelledError)
+            if time.monotonic() - self.beat >= STALL_S and self._holder() is not None:
+                _raise_in(self.thread, asyncio.CancelledError)  # only into a task's coroutine
         join(1.0)
         if self.thread.is_alive():
             self.log.error(

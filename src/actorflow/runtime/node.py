@@ -240,6 +240,10 @@ def _remote_retryable(t: Any, exc: BaseException | None, type_name: str, attempt
     return t.retry_on is None or any(c.__name__ == type_name for c in t.retry_on)
 
 
+class _EmitFailed(Exception):
+    """Raised from ``__cause__``: emitting a processed batch failed (not a node crash)."""
+
+
 class InjectedCrash(Exception):
     """An internal error injected by ``actorflow.testing.crash_node`` (fault injection)."""
 
@@ -586,6 +590,9 @@ class Segment:
                 in_hand: list[tuple[int, Any, list[Any], bool, int]] = []
                 try:
                     batches = self._run_leased(ticket, ids, vals, batches, in_hand)
+                except _EmitFailed as failed:
+                    # as on the general path: an error while emitting is the run's end
+                    raise failed.__cause__ or failed from None
                 except Exception as exc:
                     with self.lock:  # put back what was taken and not emitted, in order
                         for held_entry in reversed(in_hand):
@@ -689,13 +696,16 @@ class Segment:
                     out_special = True
                 in_hand.remove(entry)
                 head.in_flight -= len(vals)
-                if self.workers == 1:
-                    throttled = self.emit(out_ids, out, out_special) if out else 0
-                    if throttled:
-                        with self.lock:
-                            self.throttle += throttled
-                else:
-                    self._emit_in_order(ticket, (out_ids, out, out_special))
+                try:
+                    if self.workers == 1:
+                        throttled = self.emit(out_ids, out, out_special) if out else 0
+                        if throttled:
+                            with self.lock:
+                                self.throttle += throttled
+                    else:
+                        self._emit_in_order(ticket, (out_ids, out, out_special))
+                except Exception as exc:
+                    raise _EmitFailed from exc
                 if nxt is None:
                     return batches
                 entry = nxt
@@ -765,7 +775,8 @@ class Segment:
             send.append(v)
             attempts.append(attempt)
         if send:
-            values, fails = self._remote_call(send, pin)
+            # special items (retries, parent-built arguments) take the per-node chain
+            values, fails = self._remote_call(send, pin, fused=False)
             self._remote_results([ids[j] for j in send_at], send, values, fails, attempts, pin)
             for j, v in zip(send_at, values, strict=True):
                 out[j] = v
@@ -774,7 +785,9 @@ class Segment:
         ids_out, out = self._without_held(ids, out, held)
         return ids_out, out, any_special
 
-    def _remote_call(self, send: list[Any], pin: int) -> tuple[list[Any], dict[int, Any]]:
+    def _remote_call(
+        self, send: list[Any], pin: int, *, fused: bool = True
+    ) -> tuple[list[Any], dict[int, Any]]:
         pool = self.ctx.process_pool()
         key = self.pool_key or self._register_remote(pool)
         t = self.nodes[0].spec.task
@@ -785,7 +798,7 @@ class Segment:
                 key, index, send, timeout=t.timeout
             )
         else:
-            result = pool.run_batch(key, send, timeout=t.timeout)
+            result = pool.run_batch(key, send, timeout=t.timeout, fused=fused)
         self.stats[0].sample((time.perf_counter() - t0) / len(send))
         return result
 

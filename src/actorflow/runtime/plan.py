@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import keyword
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -82,11 +83,13 @@ class SegmentPlan:
     def remote_loop(self) -> Callable[..., None] | None:
         """The generated loop run inside a worker process for a process chain.
 
-        ``remote(vals, out, err)`` appends one result per value to ``out`` (a
-        ``SKIP`` ends an item's walk); when node ``k`` raises (any
-        ``BaseException``: the worker must survive its tasks),
-        ``(k, exception)`` is appended to ``err`` and the loop returns. None for
-        class or map nodes.
+        ``remote(vals, out, err, deadline)`` appends one result per value to
+        ``out`` (a ``SKIP`` ends an item's walk); when node ``k`` raises (any
+        ``BaseException``: the worker must survive its tasks), ``(k,
+        exception)`` is appended to ``err`` and the loop returns; it also
+        returns once ``time.monotonic()`` passes ``deadline``. None for class
+        or map nodes. Only clean values: the worker runs items whose binding
+        was applied in the parent (``_ArgsCall``) through the per-node chain.
         """
         if self._remote is None and all(
             n.kind == "task" and not n.is_class and n.spec.task.executor == "process"
@@ -457,17 +460,24 @@ def _compile_fast(seg: SegmentPlan) -> Callable[..., Any]:
 
 
 def _compile_remote(seg: SegmentPlan) -> Callable[..., Any]:
-    """Generate ``remote(vals, out, err)`` for a process chain (see ``remote_loop``)."""
-    ns: dict[str, Any] = {"SKIP": SKIP}
+    """Generate ``remote(vals, out, err, deadline)`` for a process chain (see ``remote_loop``).
+
+    ``vals`` is an iterator the caller shares across calls: the loop returns at
+    its end, after an item that raised, or after the first item that ends past
+    ``deadline`` (``time.monotonic()``), so the worker can flush results.
+    """
+    ns: dict[str, Any] = {"SKIP": SKIP, "CLOCK": time.monotonic}
     last = len(seg.nodes) - 1
     names = ", ".join(f"f{k}" for k in range(last + 1))
     lines = [
-        "def remote(vals, out, err):",
+        "def remote(vals, out, err, deadline):",
         "    append = out.append",
         "    _skip = SKIP",
+        "    _now = CLOCK",
         f"    {names}, = FNS",
         "    for v in vals:",
     ]
+    pad = "        "
     for k, node in enumerate(seg.nodes):
         expr = node.expr
         for cname, cvalue in node.consts.items():
@@ -475,16 +485,17 @@ def _compile_remote(seg: SegmentPlan) -> Callable[..., Any]:
             ns[new] = cvalue
             expr = _rename_token(expr, cname, new)
         expr = _rename_token(expr, "f", f"f{k}")
-        lines.append("        try:")
-        lines.append(f"            v = {expr}")
-        lines.append("        except BaseException as e:")
-        lines.append(f"            err.append(({k}, e))")
-        lines.append("            return")
-        if k < last:
-            lines.append("        if v is _skip:")
-            lines.append("            append(v)")
-            lines.append("            continue")
+        lines.append(f"{pad}try:")
+        lines.append(f"{pad}    v = {expr}")
+        lines.append(f"{pad}except BaseException as e:")
+        lines.append(f"{pad}    err.append(({k}, e))")
+        lines.append(f"{pad}    return")
+        if k < last:  # a skip ends the item's walk
+            lines.append(f"{pad}if v is not _skip:")
+            pad += "    "
     lines.append("        append(v)")
+    lines.append("        if _now() >= deadline:")
+    lines.append("            return")
     ns["FNS"] = tuple(node.spec.task.fn for node in seg.nodes)
     exec(_compiled("\n".join(lines), "exec"), ns)
     remote: Callable[..., Any] = ns["remote"]

@@ -611,7 +611,7 @@ class _LoadFailed:
 
 
 _LOG_FIELDS: Final = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
-_PLAIN: Final = (str, int, float, bool, type(None))
+_PLAIN: Final = frozenset({str, int, float, bool, type(None)})
 
 
 class _LogForwarder(logging.Handler):
@@ -635,7 +635,7 @@ class _LogForwarder(logging.Handler):
                 data["exc_text"] = self._formatter.formatException(record.exc_info)
             data["exc_info"] = None
             for name, value in data.items():
-                if name not in _LOG_FIELDS and not isinstance(value, _PLAIN):
+                if name not in _LOG_FIELDS and type(value) not in _PLAIN:
                     data[name] = safe_repr(value, 200)
             self.records.append(data)
         except Exception:
@@ -657,6 +657,23 @@ def _forward_logs(level: int) -> _LogForwarder:
     root.addHandler(forwarder)
     root.setLevel(level)
     return forwarder
+
+
+def _chunk(
+    batch_id: int,
+    start: int,
+    fmt: int,
+    payload: Any,
+    errors: list[tuple[int, bytes]] | None,
+    logs: list[dict[str, Any]] | None,
+) -> bytes:
+    """One result message; log records that do not pickle are dropped, never fatal."""
+    try:
+        return pickle.dumps((batch_id, start, fmt, payload, errors, logs), protocol=_PROTOCOL)
+    except Exception:
+        if logs is None:
+            raise
+        return pickle.dumps((batch_id, start, fmt, payload, errors, None), protocol=_PROTOCOL)
 
 
 class _Worker:
@@ -691,7 +708,7 @@ class _Worker:
             kind = msg[0]
             if kind == _STOP:
                 return
-            _, batch_id, key, version, code, index, timed, n, items = msg
+            _, batch_id, key, version, code, index, timed, fused, n, items = msg
             self._mark(batch_id, _LOADING)  # a load that hangs is bounded too
             if kind == _RUN:
                 target = self._load(self.chains, key, version, code)
@@ -703,7 +720,7 @@ class _Worker:
                 self._fail_all(batch_id, n, target)
             elif type(items) is bytes:
                 fns, loop = target
-                if loop is not None and not timed:
+                if loop is not None and fused and not timed:
                     self._run_loop(batch_id, fns, loop, items)
                 else:
                     self._run_bulk(batch_id, fns, items, timed)
@@ -758,10 +775,7 @@ class _Worker:
         errors: list[tuple[int, bytes]] | None,
     ) -> None:
         _flush_stdio()  # output printed by these items reaches stdout before they return
-        data = pickle.dumps(
-            (batch_id, start, fmt, payload, errors, self.logs.take()), protocol=_PROTOCOL
-        )
-        self.outbox.send_bytes(data)
+        self.outbox.send_bytes(_chunk(batch_id, start, fmt, payload, errors, self.logs.take()))
 
     def _send_bulk(
         self,
@@ -774,16 +788,18 @@ class _Worker:
         logs = self.logs.take()
         _flush_stdio()
         try:
-            data = pickle.dumps((batch_id, start, _BULK, results, errors, logs), protocol=_PROTOCOL)
+            # nested: a result the parent cannot unpickle spoils only this payload
+            payload: Any = (len(results), pickle.dumps(results, protocol=_PROTOCOL))
+            fmt = _BULK
         except Exception:
             # a result does not pickle: encode item by item, so only that item fails
             failed = dict(errors)
-            loose = [
+            payload = [
                 failed[offset] if offset in failed else _encode_ok(value, len(fns) - 1, fns[-1])
                 for offset, value in enumerate(results)
             ]
-            data = pickle.dumps((batch_id, start, _LOOSE, loose, None, logs), protocol=_PROTOCOL)
-        self.outbox.send_bytes(data)
+            fmt, errors = _LOOSE, []
+        self.outbox.send_bytes(_chunk(batch_id, start, fmt, payload, errors or None, logs))
 
     def _due(self, last_flush: float, pending: int) -> bool:
         return (
@@ -828,11 +844,12 @@ class _Worker:
             _flush_stdio()
 
     def _run_loop(self, batch_id: int, fns: list[Any], loop: Any, blob: bytes) -> None:
-        """Bulk items through the chain's generated batch loop, in growing slices.
+        """Bulk items through the chain's generated batch loop.
 
-        Slices start at one item and double while a slice takes under 5 ms, so
-        slow items still flush every ``_FLUSH_INTERVAL_S`` and quick ones cost
-        one loop call per slice.
+        The loop shares one iterator over the items across calls and returns
+        at the first failure or once the flush deadline has passed, so slow
+        items still flush every ``_FLUSH_INTERVAL_S`` and quick ones cost one
+        loop call per flush.
         """
         try:
             items = pickle.loads(blob)
@@ -841,25 +858,20 @@ class _Worker:
             return
         clock, logs = time.monotonic, self.logs
         n = len(items)
+        it = iter(items)
         results: list[Any] = []
         errors: list[tuple[int, bytes]] = []
         err: list[tuple[int, BaseException]] = []
         base = pos = 0  # base: the position of results[0]
-        step = 1
         last_flush = clock()
         while pos < n:
-            stop = min(n, pos + step)
-            t0 = clock()
-            loop(items[pos:stop] if pos or stop < n else items, results, err)
-            t1 = clock()
+            loop(it, results, err, last_flush + _FLUSH_INTERVAL_S)
             if err:
                 stage, exc = err.pop()
                 errors.append((len(results), _encode_err(stage, _capture(exc))))
                 results.append(None)
             pos = base + len(results)
-            if t1 - t0 < 0.005 and step < 4096:
-                step *= 2
-            if t1 - last_flush >= _FLUSH_INTERVAL_S or len(logs.records) >= _FLUSH_LOGS:
+            if clock() - last_flush >= _FLUSH_INTERVAL_S or len(logs.records) >= _FLUSH_LOGS:
                 self._send_bulk(batch_id, base, results, errors, fns)
                 base, results, errors, last_flush = pos, [], [], clock()
         if results:
@@ -993,6 +1005,7 @@ class _Marker:
 
 _NOT_BACK: Final = _Marker("<not back>")  # an item whose result has not arrived
 _FAILED: Final = _Marker("<failed>")  # an item whose outcome is in the failures
+_REDO: Final = _Marker("<redo>")  # ran, but its result did not unpickle here: run it alone
 
 
 @dataclass(slots=True)
@@ -1005,6 +1018,7 @@ class _Exchange:
     count: int = 0
     fate: Literal["done", "died", "timeout", "undelivered", "resend"] = "done"
     position: int = -1
+    redo: list[int] = field(default_factory=list)  # results the parent could not unpickle
     description: str = ""
     exitcode: int | None = None
     pid: int | None = None
@@ -1240,7 +1254,7 @@ class ProcessPool:
         key: str,
         fns: Sequence[Callable[..., Any]],
         *,
-        loop: Callable[[list[Any], list[Any], list[Any]], None] | None = None,
+        loop: Callable[[Any, list[Any], list[Any], float], None] | None = None,
     ) -> None:
         """Register a chain of functions under ``key``: item -> fns[0] -> fns[1] -> ...
 
@@ -1250,8 +1264,10 @@ class ProcessPool:
         that cannot be pickled.
 
         ``loop``, optional, is the same chain as one batch loop
-        ``loop(values, out, err)``: it appends each value's result to ``out`` and,
-        when ``fns[k]`` raises, appends ``(k, exception)`` to ``err`` and returns.
+        ``loop(values, out, err, deadline)``: over an iterator of values, it
+        appends each value's result to ``out``; when ``fns[k]`` raises, it
+        appends ``(k, exception)`` to ``err`` and returns; it also returns after
+        the first item that ends past ``deadline`` (``time.monotonic()``).
         Workers then run batches through it (no per-item dispatch); items with a
         ``timeout`` still go through ``fns`` one by one.
 
@@ -1361,13 +1377,20 @@ class ProcessPool:
         return _outcomes(*self.run_batch(key, items, timeout=timeout))
 
     def run_batch(
-        self, key: str, items: Sequence[Any], *, timeout: float | None = None
+        self,
+        key: str,
+        items: Sequence[Any],
+        *,
+        timeout: float | None = None,
+        fused: bool = True,
     ) -> tuple[list[Any], dict[int, Outcome]]:
         """:meth:`call_batch` without an object per item: ``(values, failures)``.
 
         ``values[i]`` is item ``i``'s result (``SKIP`` included) unless ``i`` is a
         key of ``failures`` (its ``Err`` / ``Crashed`` / ``Timeout``); then
         ``values[i]`` is a placeholder. The fast path for large batches.
+        ``fused=False``: run the items through the chain's functions one by one,
+        not through its generated ``loop`` (items the loop cannot take).
 
         Example::
 
@@ -1378,7 +1401,7 @@ class ProcessPool:
             code = self._chains.get(key)
         if code is None:
             raise KeyError(f"no chain {key!r} is registered in process pool {self.name!r}")
-        return self._call(_Target(_RUN, key, code), None, items, timeout)
+        return self._call(_Target(_RUN, key, code), None, items, timeout, fused)
 
     def call_instance(
         self, key: str, index: int, items: Sequence[Any], *, timeout: float | None = None
@@ -1410,7 +1433,12 @@ class ProcessPool:
         return self._call(_Target(_INSTANCE, key, code, index), slot, items, timeout)
 
     def _call(
-        self, target: _Target, pinned: int | None, items: Sequence[Any], timeout: float | None
+        self,
+        target: _Target,
+        pinned: int | None,
+        items: Sequence[Any],
+        timeout: float | None,
+        fused: bool = True,
     ) -> tuple[list[Any], dict[int, Outcome]]:
         if timeout is not None and not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds or None, not {timeout!r}")
@@ -1419,7 +1447,7 @@ class ProcessPool:
         if batch.items:
             slot = self._acquire(pinned, target.code_key, target.code.version)
             try:
-                self._drive(slot, target, batch, fails, timeout)
+                self._drive(slot, target, batch, fails, timeout, fused=fused)
             except BaseException:
                 if slot.process is not None:  # state unknown (interrupted mid-batch)
                     self._stop(slot, kill=True, reason="call interrupted")
@@ -1436,6 +1464,8 @@ class ProcessPool:
         fails: dict[int, Outcome],
         timeout: float | None,
         in_flight: tuple[Sequence[int], int, _Exchange] | None = None,
+        *,
+        fused: bool = True,
     ) -> None:
         """Run the batch to its end: every item gets a value or a failure.
 
@@ -1455,7 +1485,7 @@ class ProcessPool:
                     ex = self._collect(slot, ex, len(group), batch_id, timeout, target)
             else:
                 group = groups.popleft()
-                sent = self._send_group(slot, target, batch, group, fails, timeout)
+                sent = self._send_group(slot, target, batch, group, fails, timeout, fused)
                 if sent is None:
                     continue  # no item of the group pickles: each has its Err already
                 group, batch_id, ex = sent
@@ -1474,6 +1504,9 @@ class ProcessPool:
             for position, outcome in ex.fails.items():
                 fails[group[position]] = outcome
             slot.tasks_done += ex.count
+            if ex.redo:  # results that did not unpickle here: run those items one by one
+                batch.bulk = False
+                groups.appendleft([group[p] for p in ex.redo])
             if ex.fate == "done":
                 undelivered = 0
                 continue
@@ -1521,6 +1554,7 @@ class ProcessPool:
         group: Sequence[int],
         fails: dict[int, Outcome],
         timeout: float | None,
+        fused: bool = True,
     ) -> tuple[Sequence[int], int, _Exchange] | None:
         data = batch.encode(group, fails)
         if data is None:
@@ -1528,7 +1562,8 @@ class ProcessPool:
         group, items = data
         self._ensure_started(slot)
         batch_id = next(self._batch_ids)
-        message = self._request(slot, target, batch_id, timeout is not None, group, items)
+        timed = timeout is not None
+        message = self._request(slot, target, batch_id, timed, fused and batch.bulk, group, items)
         return group, batch_id, self._send(slot, message, len(group), batch_id)
 
     def lease(self, key: str) -> Lease:
@@ -1557,6 +1592,7 @@ class ProcessPool:
         target: _Target,
         batch_id: int,
         timed: bool,
+        fused: bool,
         group: Sequence[int],
         items: bytes | list[bytes],
     ) -> bytes:
@@ -1567,7 +1603,18 @@ class ProcessPool:
         if target.kind == _INSTANCE:
             slot.instances.add((target.key, target.index))
         key, version = target.key, target.code.version
-        msg = (target.kind, batch_id, key, version, code, target.index, timed, len(group), items)
+        msg = (
+            target.kind,
+            batch_id,
+            key,
+            version,
+            code,
+            target.index,
+            timed,
+            fused,
+            len(group),
+            items,
+        )
         return pickle.dumps(msg, protocol=_PROTOCOL)
 
     def _exchange(
@@ -1677,11 +1724,24 @@ class ProcessPool:
         elif chunk_batch == batch_id and ex is not None:
             back, fails = ex.back, ex.fails
             if fmt == _BULK:
-                back[start : start + len(payload)] = payload
-                for offset, encoded in errors:
+                count, blob = payload
+                failed = set()
+                for offset, encoded in errors or ():
                     back[start + offset] = _FAILED
                     fails[start + offset] = self._decode(encoded, last_stage)
-                ex.count += len(payload)
+                    failed.add(offset)
+                try:
+                    results = pickle.loads(blob)
+                except Exception:  # e.g. a class the parent cannot import: item by item
+                    redo = [start + i for i in range(count) if i not in failed]
+                    for position in redo:
+                        back[position] = _REDO
+                    ex.redo.extend(redo)
+                else:
+                    for offset in failed:
+                        results[offset] = _FAILED
+                    back[start : start + count] = results
+                ex.count += count
             elif fmt == _LOOSE:
                 for offset, encoded in enumerate(payload):
                     outcome = self._decode(encoded, last_stage)

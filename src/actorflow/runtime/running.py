@@ -608,6 +608,8 @@ class RunningFlow(RunContext):
 
     def _block_of(self, item: int) -> _Block | None:
         starts = self._starts
+        if not starts:
+            return None  # every block finished or was cancelled
         start = starts[bisect.bisect_right(starts, item) - 1]
         block = self._blocks.get(start)
         if block is None or not block.start <= item < block.start + block.n:
@@ -671,7 +673,9 @@ class RunningFlow(RunContext):
                     thread = threading.Thread(
                         target=new_loop.run_forever,
                         name=f"actorflow-loop-{self.run_id}",
-                        daemon=False,
+                        # joined at stop; a daemon only so that a coroutine stuck in
+                        # one C call past every interruption cannot block exit
+                        daemon=True,
                     )
                     self.loop_watch = LoopWatch(new_loop, thread, self.call_later, self._log)
                     thread.start()
