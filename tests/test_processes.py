@@ -712,23 +712,6 @@ def timed_spin(n: int) -> tuple[int, float, float]:
     return os.getpid(), t0, time.monotonic()
 
 
-def _cpu_seconds_of_others() -> float:
-    """CPU seconds used so far by every process except this one and its descendants."""
-    total = psutil.cpu_times()
-    busy = sum(
-        getattr(total, f, 0.0) for f in ("user", "nice", "system", "irq", "softirq", "steal")
-    )
-    ours = 0.0
-    me = psutil.Process()
-    for p in [me, *me.children(recursive=True)]:
-        try:
-            t = p.cpu_times()
-        except psutil.Error:
-            continue
-        ours += t.user + t.system
-    return float(busy - ours)
-
-
 def _speedup(pool: ProcessPool, n: int) -> tuple[float, float, list[tuple[int, float, float]]]:
     t0 = time.perf_counter()
     for _ in range(8):
@@ -751,25 +734,22 @@ def test_cpu_bound_calls_run_in_parallel_on_two_workers(pool: ProcessPool) -> No
     with ThreadPoolExecutor(2) as ex:  # load the chain in both workers
         list(ex.map(lambda _: pool.call_batch("spin", [1]), range(4)))
 
-    best = 0.0
-    others0, wall0 = _cpu_seconds_of_others(), time.perf_counter()
-    for _ in range(3):  # wall-clock ratios are at the mercy of other load on the machine
-        sequential, parallel, runs = _speedup(pool, n)
-        assert len({pid for pid, _, _ in runs}) == 2
-        # the calls really ran at the same time on both workers
-        first = [(start, end) for pid, start, end in runs if pid == runs[0][0]]
-        other = [(start, end) for pid, start, end in runs if pid != runs[0][0]]
-        assert any(s1 < e2 and s2 < e1 for s1, e1 in first for s2, e2 in other)
-        speedup = sequential / parallel
-        print(f"8 calls: sequential {sequential:.2f} s, 2 workers {parallel:.2f} s, x{speedup:.2f}")
-        best = max(best, speedup)
-        if best > 1.5:
-            return
-    capacity = (time.perf_counter() - wall0) * (os.cpu_count() or 1)
-    others = (_cpu_seconds_of_others() - others0) / capacity
-    if others > 0.15:  # other programs took the cores the second worker needed
-        pytest.skip(f"best speedup x{best:.2f}; other processes used {others:.0%} of the CPUs")
-    assert best > 1.5
+    # Wall-clock speedup is the bench's job (W4): on a shared VM another program can
+    # take the second core at any time. What the pool controls is dispatch: both
+    # workers must be inside a call at the same time for most of the parallel phase.
+    sequential, parallel, runs = _speedup(pool, n)
+    assert len({pid for pid, _, _ in runs}) == 2
+    first = [(start, end) for pid, start, end in runs if pid == runs[0][0]]
+    other = [(start, end) for pid, start, end in runs if pid != runs[0][0]]
+    both = sum(
+        max(0.0, min(e1, e2) - max(s1, s2)) for s1, e1 in first for s2, e2 in other
+    )  # calls of one worker never overlap each other, so this is the time both were busy
+    span = max(e for _, _, e in runs) - min(s for _, s, _ in runs)
+    print(
+        f"8 calls: sequential {sequential:.2f} s, 2 workers {parallel:.2f} s, "
+        f"x{sequential / parallel:.2f}; both workers busy {both / span:.0%} of the span"
+    )
+    assert both > 0.6 * span
 
 
 def test_many_threads_share_the_pool(pool: ProcessPool) -> None:
