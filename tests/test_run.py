@@ -211,6 +211,45 @@ def test_four_sleeping_nodes_finish_together() -> None:
     assert time.perf_counter() - start < 0.3 * 4  # generous sanity bound
 
 
+def test_run_executes_quick_tasks_in_the_calling_thread() -> None:
+    threads: list[str] = []
+
+    @af.task
+    def where(x: int) -> int:
+        threads.append(threading.current_thread().name)
+        return x + 1
+
+    @af.task
+    def add(a: int, b: int, c: int) -> int:
+        threads.append(threading.current_thread().name)
+        return a + b + c
+
+    @af.flow
+    def f(x: int) -> Any:
+        return add(where(x), where(x), where(x))  # a fan-out: jobs wait while one runs
+
+    assert f.run(1) == 6
+    assert threads == [threading.current_thread().name] * 4  # no host thread was needed
+
+
+def test_run_moves_waiting_nodes_off_a_caller_blocked_in_a_task() -> None:
+    # the caller runs the first node itself; while it is blocked, the others must not wait
+    barrier = threading.Barrier(3, timeout=10)
+
+    @af.task
+    def meet(x: int) -> str:
+        barrier.wait()
+        return threading.current_thread().name
+
+    @af.flow
+    def f(x: int) -> Any:
+        return [meet(x) for _ in range(3)]
+
+    names = f.run(0)
+    assert len(set(names)) == 3
+    assert threading.current_thread().name in names
+
+
 def test_workers_n_runs_up_to_n_calls_of_a_function_task_at_once() -> None:
     barrier = threading.Barrier(3, timeout=10)
 

@@ -6,14 +6,18 @@ acting as *hosts*, pooled per run, as Akka actors run on a dispatcher's
 threads. A ready segment runs on any idle host; when none is idle it waits in
 the run's ready queue, which every host drains when it finishes a job.
 
-The pool is elastic. It starts with no host: the first job starts one. A
-*watcher* (the caller's thread during ``run()``, a supervisor thread for a
-started graph) checks, while jobs are waiting, that hosts keep taking them;
-when no host has taken a job for ``stall_s`` (every host is blocked in a
-task: a sleep, IO), it starts one host per waiting job, up to ``max_hosts``.
-So a blocking call takes a thread, not the graph, while a graph of quick
-tasks runs on a single host and pays for no thread it does not need
-(starting a thread costs ~0.1-0.4 ms). Idle hosts beyond ``keep_idle`` retire.
+The pool is elastic. It starts with no host: the first job of a started
+graph starts one. During ``run()`` the pool is *caller-runs*: the thread that
+called ``run()`` runs the jobs itself while it waits for the result, so a
+batch of quick tasks starts no thread at all (on a 2-core VM, starting a
+thread and handing work to it costs 0.1-0.5 ms: more than a whole 15-node
+run). A *watcher* (a supervisor thread for a started graph; during ``run()``
+one is started as soon as a job waits while the caller runs another) checks
+that jobs keep being taken; when none has been for ``stall_s`` and the busy
+threads are blocked in tasks (a sleep, IO), it starts one host per waiting
+job, up to ``max_hosts``. So a blocking call takes a thread, not the graph,
+while a graph of quick tasks pays for no thread it does not need. Idle hosts
+beyond ``keep_idle`` retire.
 
 No exception ever reaches pykka's own failure handling (which would stop the
 actor, and for a ``BaseException`` call pykka's process-global ``stop_all``):
@@ -34,6 +38,7 @@ import pykka
 
 __all__ = ["HostPool", "Job"]
 
+_CALLER = object()  # the caller-runs thread's key in ``HostPool.clocks``
 _DEFAULT_MAX_HOSTS = max(64, min(32, (os.cpu_count() or 1) + 4))
 
 
@@ -85,6 +90,7 @@ class HostPool:
         keep_idle: int = 2,
         stall_s: float = 0.002,
         watcher_thread: bool = True,
+        caller_runs: bool = False,
     ) -> None:
         self.run_id = run_id
         self.on_fatal = on_fatal
@@ -109,6 +115,13 @@ class HostPool:
         self._starting = 0  # hosts being started right now (shutdown waits for them)
         self._timer_seq = 0
         self._refs: list[pykka.ActorRef[Any]] = []
+        # caller-runs (``run()``): the thread in wait() runs queued jobs itself; no
+        # host starts until a job waits while that thread is blocked in a task
+        self._caller_runs = caller_runs
+        self._caller_busy = False
+        self._caller_waiting = False
+        self._caller_clock: int | None = None
+        self._poked = False  # notify() was called: wait() re-checks its predicate
 
     # -- scheduling ------------------------------------------------------------
     def schedule(self, job: Job) -> None:
@@ -122,7 +135,14 @@ class HostPool:
             else:
                 host = None
                 self.ready.append(job)
-                if self.n_hosts == 0:
+                if self._caller_runs:
+                    if self._caller_waiting:
+                        self.cond.notify_all()  # the caller takes it
+                    elif self._watcher is None and self._caller_busy:
+                        # the caller may block in its task while this job waits: a
+                        # watcher polls (without being woken per job) to see a stall
+                        self._start_watcher()
+                elif self.n_hosts == 0:
                     spawn = True
                     self.n_hosts += 1
                     self._starting += 1
@@ -240,17 +260,72 @@ class HostPool:
         """Block until ``predicate()`` is true, watching the pool meanwhile.
 
         The predicate is re-checked whenever the pool notifies (a host went
-        idle, a job was queued) or ``notify()`` is called.
+        idle, a job was queued) or ``notify()`` is called. In a caller-runs
+        pool the waiting thread runs queued jobs itself; while it does, a
+        watcher thread (started only when a second job waits) starts hosts if
+        that thread blocks in a task.
         """
         with self.lock:
-            mark = self._mark()
-            while not predicate():
-                self._sleep_or_poll()
+            mark: tuple[int, float, dict[Any, int]] | None = None
+            while True:
+                self._poked = False
+                if predicate():
+                    return
+                if self._caller_runs:
+                    # run queued jobs until none is left or notify() says the
+                    # predicate may have changed (an item finished, a fatal error)
+                    while self.ready and not self.closed and not self._poked:
+                        self._run_in_caller()
+                    if self._poked or (self.ready and not self.closed):
+                        continue
+                    mark = None  # the caller was busy: measure stalls afresh
+                if self._watcher is not None:
+                    # the watcher thread watches and fires timers; schedule() and
+                    # notify() wake us
+                    self._caller_waiting = True
+                    try:
+                        self.cond.wait()
+                    finally:
+                        self._caller_waiting = False
+                    continue
+                if mark is None:
+                    mark = self._mark()
+                self._caller_waiting = True
+                try:
+                    self._sleep_or_poll()
+                finally:
+                    self._caller_waiting = False
                 mark = self._watch_step(mark)
+
+    def _run_in_caller(self) -> None:
+        # under the lock: take the next job and run it in this (the waiting) thread
+        job = self.ready.popleft()
+        self.taken += 1
+        if (self.ready or self._timers) and self._watcher is None:
+            self._start_watcher()
+        clock = self._caller_clock
+        if clock is None:
+            clock = self._caller_clock = time.pthread_getcpuclockid(threading.get_ident())
+        self.clocks[_CALLER] = clock
+        self._caller_busy = True
+        self.lock.release()
+        try:
+            job.run()
+        except KeyboardInterrupt:
+            # Ctrl-C lands in whatever the caller runs: wait() re-raises it, and run()
+            # cancels the run as when Ctrl-C arrives while it waits
+            raise
+        except BaseException as exc:  # as a host does: a task's SystemExit ends the run
+            self._report_fatal(exc)
+        finally:
+            self.lock.acquire()
+            self._caller_busy = False
+            del self.clocks[_CALLER]
 
     def notify(self) -> None:
         """Wake whoever waits in :meth:`wait` (e.g. an item completed)."""
         with self.lock:
+            self._poked = True
             self.cond.notify_all()
 
     def _start_watcher(self) -> None:
@@ -276,7 +351,7 @@ class HostPool:
         Due timers fire here (outside the lock), so the watcher is the run's clock.
         """
         timeout: float | None = None
-        if self.ready:
+        if self.ready or self._caller_busy:  # a busy caller-runs thread may block, too
             timeout = self.stall_s
         if self._timers:
             until = self._timers[0][0] - time.monotonic()
@@ -303,7 +378,9 @@ class HostPool:
                 return
             self._timer_seq += 1
             heapq.heappush(self._timers, (time.monotonic() + delay, self._timer_seq, fn, args))
-            if self._use_watcher_thread and self._watcher is None:
+            if self._watcher is None and (
+                self._use_watcher_thread or (self._caller_runs and self._caller_busy)
+            ):
                 self._start_watcher()
             self.cond.notify_all()  # the watcher recomputes its deadline
 

@@ -228,6 +228,40 @@ class RunningFlow(RunContext):
             raise ValueError(f"max_in_flight must be an int >= 1, got {max_in_flight!r}")
         if processes is not None and (not isinstance(processes, int) or processes < 1):
             raise ValueError(f"processes must be an int >= 1, got {processes!r}")
+        # thousands of small objects that all live as long as the run (a plan, its
+        # segments): the cyclic GC would traverse them again and again while they
+        # are made (W3a: ~4 us per node); it is paused until the segments exist
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            self._build(graph, max_in_flight, run_id, batch, edge_capacity, processes)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+        self._max_tasks_per_worker = max_tasks_per_worker
+        self._max_worker_rss_mb = max_worker_rss_mb
+        if not batch:
+            self._log.info("run_started", nodes=self.plan.n_nodes, segments=len(self._segments))
+        if enabled(logging.DEBUG):
+            for seg in self._segments:
+                for node in seg.nodes:
+                    self._log.debug(
+                        "node_started",
+                        task=node.name,
+                        segment=seg.plan.index,
+                        fused_with=[n.name for n in seg.nodes if n is not node],
+                        workers=seg.workers,
+                    )
+
+    def _build(
+        self,
+        graph: Graph,
+        max_in_flight: int,
+        run_id: str | None,
+        batch: bool,
+        edge_capacity: int | None,
+        processes: int | None,
+    ) -> None:
         self._worker_stats: list[dict[str, Any]] = []
         self.graph = graph
         self.plan = plan = compile_plan(graph)
@@ -248,13 +282,13 @@ class RunningFlow(RunContext):
         self._stopped = False
         self._items = 0
         self._failed_items = 0
-        self._pool = HostPool(self.run_id, self._on_fatal, watcher_thread=not batch)
+        self._pool = HostPool(
+            self.run_id, self._on_fatal, watcher_thread=not batch, caller_runs=batch
+        )
         self._deadlines: Deadlines | None = None
         self._loop: Any = None  # the run's asyncio loop (async tasks), started on first use
         self._processes: Any = None  # the run's ProcessPool (process tasks), on first use
         self._n_processes = processes
-        self._max_tasks_per_worker = max_tasks_per_worker
-        self._max_worker_rss_mb = max_worker_rss_mb
         self._loop_thread: threading.Thread | None = None
         self._supervision: Supervision = getattr(graph, "_supervision", None) or Supervision()
         self._restart_times: dict[int, deque[float]] = {}
@@ -263,35 +297,15 @@ class RunningFlow(RunContext):
         self._finalized: set[int] = set()  # items whose finally_do ran (or is running)
         self._finally_takes_outcome = _takes_parameters(self._finally)
         capacity = edge_capacity if edge_capacity is not None else max(max_in_flight, 1)
-        # thousands of small objects that all live as long as the run: the cyclic GC
-        # would traverse them again and again while they are made (W3a: ~4 us per node)
-        gc_was_enabled = gc.isenabled()
-        gc.disable()
-        try:
-            schedule = self._pool.schedule
-            self._segments = [Segment(sp, self, schedule, capacity) for sp in plan.segments]
-            self._sink = _Sink(self, plan)
-            segments, sink = self._segments, self._sink
-            for seg, sp in zip(segments, plan.segments, strict=True):
-                seg.open()
-                seg.connect([(sink if i == -1 else segments[i], port) for i, port in sp.consumers])
-        finally:
-            if gc_was_enabled:
-                gc.enable()
+        schedule = self._pool.schedule
+        self._segments = [Segment(sp, self, schedule, capacity) for sp in plan.segments]
+        self._sink = _Sink(self, plan)
+        segments, sink = self._segments, self._sink
+        for seg, sp in zip(segments, plan.segments, strict=True):
+            seg.open()
+            seg.connect([(sink if i == -1 else segments[i], port) for i, port in sp.consumers])
         self._roots = [(self._target(i), port) for i, port in plan.roots]
         self._entry = graph.validate().entry
-        if not batch:
-            self._log.info("run_started", nodes=plan.n_nodes, segments=len(plan.segments))
-        if enabled(logging.DEBUG):
-            for seg in self._segments:
-                for node in seg.nodes:
-                    self._log.debug(
-                        "node_started",
-                        task=node.name,
-                        segment=seg.plan.index,
-                        fused_with=[n.name for n in seg.nodes if n is not node],
-                        workers=seg.workers,
-                    )
 
     def _target(self, index: int) -> Any:
         return self._sink if index == -1 else self._segments[index]
