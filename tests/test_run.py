@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -248,6 +249,79 @@ def test_run_moves_waiting_nodes_off_a_caller_blocked_in_a_task() -> None:
     names = f.run(0)
     assert len(set(names)) == 3
     assert threading.current_thread().name in names
+
+
+def test_a_map_consumer_runs_quick_work_itself() -> None:
+    threads: set[str] = set()
+
+    @af.task
+    def where(x: int) -> int:
+        threads.add(threading.current_thread().name)
+        return x * 2
+
+    @af.flow
+    def f(x: int) -> Any:
+        return where(x)
+
+    with f.start(max_in_flight=64) as running:
+        assert list(running.map(range(500))) == [x * 2 for x in range(500)]
+        assert list(running.stream(range(5))) == [0, 2, 4, 6, 8]
+    assert threads == {threading.current_thread().name}  # no hand-off to a host
+
+
+def test_a_helping_consumer_blocked_in_a_task_does_not_hold_back_the_others() -> None:
+    barrier = threading.Barrier(3, timeout=10)
+
+    @af.task(workers=3)
+    def meet(x: int) -> int:
+        barrier.wait()  # three calls must run at once
+        return x
+
+    @af.flow
+    def f(x: int) -> Any:
+        return meet(x)
+
+    with f.start() as running:
+        assert sorted(running.stream(range(3))) == [0, 1, 2]
+
+
+def test_work_queued_by_a_consumer_runs_while_its_loop_body_blocks() -> None:
+    # items the consumer entered wait for it to help; while its own loop body waits for
+    # the last item it read ahead, that item must be handed to a host instead
+    processed: set[int] = set()
+    cv = threading.Condition()
+
+    @af.task
+    def mark(x: int) -> int:
+        with cv:
+            processed.add(x)
+            cv.notify_all()
+        return x
+
+    @af.flow
+    def f(x: int) -> Any:
+        return mark(x)
+
+    last_read = -1
+
+    def source() -> Iterator[int]:
+        nonlocal last_read
+        for i in range(300):
+            last_read = i
+            yield i
+
+    waits = 0
+    out = []
+    with f.start(max_in_flight=64) as running:
+        for x in running.stream(source()):
+            last = last_read  # entered (read ahead), maybe not yet run
+            with cv:
+                if last not in processed:
+                    waits += 1
+                    assert cv.wait_for(lambda last=last: last in processed, timeout=10)
+            out.append(x)
+    assert sorted(out) == list(range(300))
+    assert waits > 0  # the situation this test is about did occur
 
 
 def test_workers_n_runs_up_to_n_calls_of_a_function_task_at_once() -> None:

@@ -38,12 +38,17 @@ import pykka
 
 __all__ = ["HostPool", "Job"]
 
-_CALLER = object()  # the caller-runs thread's key in ``HostPool.clocks``
 _DEFAULT_MAX_HOSTS = max(64, min(32, (os.cpu_count() or 1) + 4))
 
 
 class Job(Protocol):
-    """Anything a host can run: a segment, or a slice of a parallel map."""
+    """Anything a host can run: a segment, or a slice of a parallel map.
+
+    ``helpable``: the job computes in its thread, so a helping consumer may run
+    it itself (see :meth:`HostPool.schedule`).
+    """
+
+    helpable: bool
 
     def run(self) -> None: ...
 
@@ -118,39 +123,53 @@ class HostPool:
         # caller-runs (``run()``): the thread in wait() runs queued jobs itself; no
         # host starts until a job waits while that thread is blocked in a task
         self._caller_runs = caller_runs
-        self._caller_busy = False
-        self._caller_waiting = False
-        self._caller_clock: int | None = None
+        self._caller_waiting = False  # the caller-runs thread sleeps in wait()
+        self._helping = 0  # threads running a job they took while waiting for results
+        # per thread: .prefer (jobs it queues wait for it to help), .key / .clock (its
+        # CPU clock, registered in ``clocks`` while it runs a job)
+        self._local = threading.local()
         self._poked = False  # notify() was called: wait() re-checks its predicate
 
     # -- scheduling ------------------------------------------------------------
     def schedule(self, job: Job) -> None:
-        """Run ``job.run()`` on an idle host, or queue it for the next free one."""
+        """Run ``job.run()`` on an idle host, or queue it for the next free one.
+
+        A job queued by a thread that helps (``run()``'s caller, or a consumer
+        of ``map`` / ``stream`` inside :meth:`helping`) waits for that thread,
+        which runs it when it next waits for results; the watcher hands it to
+        a host if it is still waiting after ``stall_s``.
+        """
         spawn = False
         with self.lock:
             if self.closed:
                 return
-            if self.idle:
+            # a job that mostly waits (a process chain's runner) is better run by a
+            # host while the helper consumes results: only in-thread work is kept
+            prefer = self._caller_runs or (getattr(self._local, "prefer", False) and job.helpable)
+            if self.idle and not (prefer and not self._caller_runs):
                 host = self.idle.pop()
             else:
                 host = None
                 self.ready.append(job)
-                if self._caller_runs:
+                if prefer:
                     if self._caller_waiting:
-                        self.cond.notify_all()  # the caller takes it
-                    elif self._watcher is None and self._caller_busy:
-                        # the caller may block in its task while this job waits: a
-                        # watcher polls (without being woken per job) to see a stall
-                        self._start_watcher()
+                        self.cond.notify_all()  # the caller-runs thread takes it
+                    elif self._helping:
+                        # a helper runs a job meanwhile and may block in it: the
+                        # watcher must poll (it is not woken per job)
+                        if self._watcher is None:
+                            self._start_watcher()
+                        elif self._watch_sleeping:
+                            self.cond.notify_all()
                 elif self.n_hosts == 0:
                     spawn = True
                     self.n_hosts += 1
                     self._starting += 1
                 elif self._use_watcher_thread and self._watcher is None:
                     self._start_watcher()
-            if self._watch_sleeping:
-                # the watcher sleeps without a timeout only while nothing runs: wake it
-                self.cond.notify_all()
+                elif self._watch_sleeping:
+                    # the watcher sleeps without a timeout only while nothing waits
+                    self.cond.notify_all()
         if host is not None:
             host.tell(job)
         elif spawn:
@@ -234,14 +253,22 @@ class HostPool:
         window = now - mark[1]
         if window < self.stall_s:
             return mark  # keep measuring from the older mark
+        if self.idle:
+            # jobs a helper queued wait while hosts idle (the helper went off to run
+            # its own code): hand them over
+            self._hand_to_idle()
+            if not self.ready:
+                return self._mark()
         cpu = self._busy_cpu()
         before = mark[2]
         measured = [r for r in cpu if r in before]
-        if not measured:
-            # the busy hosts started after the last mark: measure a full window first
-            return self._mark() if cpu else mark
+        if not measured and cpu:
+            # the busy threads started after the last mark: measure a full window first
+            return self._mark()
+        # nobody runs anything (queued jobs wait for a helper that went away), or
+        # some busy threads are blocked in tasks
         blocked = [r for r in measured if cpu[r] - before[r] < window * 0.25e9]
-        if blocked:
+        if blocked or not cpu:
             every = len(blocked) == len(measured)
             want = len(self.ready) if every else len(blocked)
             n = min(want, self.max_hosts - self.n_hosts)
@@ -255,6 +282,19 @@ class HostPool:
                 finally:
                     self.lock.acquire()
         return self._mark()
+
+    def _hand_to_idle(self) -> None:
+        # under the lock (released to tell the hosts)
+        handed = []
+        while self.ready and self.idle:
+            handed.append((self.idle.pop(), self.ready.popleft()))
+            self.taken += 1
+        self.lock.release()
+        try:
+            for host, job in handed:
+                host.tell(job)
+        finally:
+            self.lock.acquire()
 
     def wait(self, predicate: Callable[[], bool]) -> None:
         """Block until ``predicate()`` is true, watching the pool meanwhile.
@@ -299,28 +339,87 @@ class HostPool:
 
     def _run_in_caller(self) -> None:
         # under the lock: take the next job and run it in this (the waiting) thread
-        job = self.ready.popleft()
+        self._run_job(self.ready.popleft())
+
+    def _run_job(self, job: Job) -> None:
+        # under the lock (released while the job runs): a waiting thread runs ``job``
         self.taken += 1
-        if (self.ready or self._timers) and self._watcher is None:
-            self._start_watcher()
-        clock = self._caller_clock
-        if clock is None:
-            clock = self._caller_clock = time.pthread_getcpuclockid(threading.get_ident())
-        self.clocks[_CALLER] = clock
-        self._caller_busy = True
+        if self.ready or self._timers:
+            # others wait while this thread runs a job it may block in: someone must
+            # see a stall (and fire timers); the watcher polls while jobs wait
+            if self._watcher is None:
+                self._start_watcher()
+            elif self._watch_sleeping:
+                self.cond.notify_all()
+        local = self._local
+        key = getattr(local, "key", None)
+        if key is None:
+            key = local.key = object()
+            local.clock = time.pthread_getcpuclockid(threading.get_ident())
+        self.clocks[key] = local.clock  # the watcher measures this thread like a host
+        self._helping += 1
+        prefer = getattr(local, "prefer", False)
+        local.prefer = True  # jobs this one queues wait for this thread, too
         self.lock.release()
         try:
             job.run()
-        except KeyboardInterrupt:
-            # Ctrl-C lands in whatever the caller runs: wait() re-raises it, and run()
-            # cancels the run as when Ctrl-C arrives while it waits
+        except KeyboardInterrupt as exc:
+            # Ctrl-C lands in whatever this thread runs: it is re-raised here, so
+            # run() / the consumer's loop sees it; a started graph stops, as a
+            # segment may have been interrupted half-way
+            if not self._caller_runs:
+                self._report_fatal(exc)
             raise
         except BaseException as exc:  # as a host does: a task's SystemExit ends the run
             self._report_fatal(exc)
         finally:
+            local.prefer = prefer
             self.lock.acquire()
-            self._caller_busy = False
-            del self.clocks[_CALLER]
+            self._helping -= 1
+            del self.clocks[key]
+
+    def help_one(self) -> bool:
+        """Run one queued job in this thread, if any; return whether one ran.
+
+        A thread that waits for results (a consumer of ``map`` / ``stream``)
+        calls it instead of sleeping, so the work it queued runs without a
+        hand-off to another thread (a blocked helper is covered by the
+        watcher, as a blocked host is).
+
+        Example::
+
+            while not results_ready():
+                if not pool.help_one():
+                    wait_for_results()
+        """
+        with self.lock:
+            if not self.ready or self.closed:
+                return False
+            self._run_job(self.ready.popleft())
+        return True
+
+    def helping(self, on: bool) -> None:
+        """Mark this thread as a helper: jobs it queues wait for it (see :meth:`schedule`).
+
+        Turning it off with jobs still queued lets the watcher hand them to
+        hosts after ``stall_s`` (the thread goes off to run its own code).
+
+        Example::
+
+            pool.helping(True)
+            try:
+                ...  # queue work, then help_one() while waiting
+            finally:
+                pool.helping(False)
+        """
+        self._local.prefer = on
+        if not on and self.ready:
+            with self.lock:
+                if self.ready and not self.closed:
+                    if self._watcher is None and self._use_watcher_thread:
+                        self._start_watcher()
+                    elif self._watch_sleeping:
+                        self.cond.notify_all()
 
     def notify(self) -> None:
         """Wake whoever waits in :meth:`wait` (e.g. an item completed)."""
@@ -351,7 +450,7 @@ class HostPool:
         Due timers fire here (outside the lock), so the watcher is the run's clock.
         """
         timeout: float | None = None
-        if self.ready or self._caller_busy:  # a busy caller-runs thread may block, too
+        if self.ready:
             timeout = self.stall_s
         if self._timers:
             until = self._timers[0][0] - time.monotonic()
@@ -378,9 +477,7 @@ class HostPool:
                 return
             self._timer_seq += 1
             heapq.heappush(self._timers, (time.monotonic() + delay, self._timer_seq, fn, args))
-            if self._watcher is None and (
-                self._use_watcher_thread or (self._caller_runs and self._caller_busy)
-            ):
+            if self._watcher is None and (self._use_watcher_thread or self._helping):
                 self._start_watcher()
             self.cond.notify_all()  # the watcher recomputes its deadline
 
@@ -473,6 +570,8 @@ class HostPool:
 
 class _MapState:
     """Shared cursor over a parallel map's items; each runner takes the next ready element."""
+
+    helpable = False  # its runners are there to run in parallel with the caller
 
     def __init__(
         self,

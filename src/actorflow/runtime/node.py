@@ -298,6 +298,7 @@ class Segment:
         "first_arg",
         "fns",
         "held",
+        "helpable",
         "instances",
         "is_async",
         "is_process",
@@ -382,6 +383,9 @@ class Segment:
         self.simple = n_ports == 1 and key_fn is None and workers == 1
         # a process chain of functions: clean batches go through a leased worker
         self.leasable = self.is_process and not head.is_class
+        # computes in its thread: a consumer waiting for results may run it (a process
+        # runner mostly waits, better on a host while the consumer consumes)
+        self.helpable = not self.is_process
         # a lone plain function thread task: a single clean item needs only the call
         self.lane = (
             len(nodes) == 1

@@ -193,6 +193,19 @@ class _Sink:
         return out, True
 
 
+class _ReadAhead:
+    """Read-ahead state of one ``map`` / ``stream`` iteration."""
+
+    __slots__ = ("cap", "chunk", "exhausted", "limit", "outstanding")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.cap = max(1, min(_MAX_CHUNK, limit // _CAP_DIV or 1))
+        self.chunk = _FIRST_CHUNK  # read-ahead chunks start small (first output soon)
+        self.outstanding = 0  # items entered and not yet consumed
+        self.exhausted = False
+
+
 class RunningFlow(RunContext):
     """A started graph: submit items, map or stream iterables, read metrics, stop.
 
@@ -446,51 +459,22 @@ class RunningFlow(RunContext):
     def _iterate(self, values: Iterator[Any], *, ordered: bool) -> Iterator[Any]:
         owner = _QueueOwner()
         pending: deque[_Block] = deque()
-        outstanding = 0
-        exhausted = False
-        chunk = _FIRST_CHUNK
-        limit = self.max_in_flight
-        cap = max(1, min(_MAX_CHUNK, limit // _CAP_DIV or 1))
+        read_ahead = _ReadAhead(self.max_in_flight)
         cond = owner.cond
+        pool = self._pool
         try:
             while True:
-                # read ahead, up to max_in_flight items beyond what was consumed
-                while not exhausted and outstanding < limit:
-                    # read whole chunks only: refilling just what was consumed would keep
-                    # the first small chunks' sizes for ever
-                    if outstanding and outstanding + chunk > limit:
-                        break
-                    take = min(chunk, limit - outstanding)
-                    batch = list(itertools.islice(values, take))
-                    if len(batch) < take:
-                        exhausted = True
-                    if not batch:
-                        break
-                    pending.append(self._enter(batch, owner))
-                    outstanding += len(batch)
-                    chunk = min(cap, chunk * 2)
-                    if not ordered and owner.order:
-                        break  # results are waiting: yield them first
-                if not pending:
+                # While it enters items and waits for results this thread helps: the
+                # jobs it queues wait for it, and it runs them instead of sleeping (no
+                # hand-off to a host thread: on 2 cores that costs more than the work)
+                pool.helping(True)
+                try:
+                    block = self._next_block(values, owner, pending, ordered, read_ahead)
+                finally:
+                    pool.helping(False)
+                if block is None:
                     return
-                with cond:
-                    if ordered:
-                        head = pending[0]
-                        while head.start not in owner.done and owner.error is None:
-                            cond.wait()
-                        if owner.error is not None:
-                            raise owner.error
-                        block = owner.done.pop(head.start)
-                        pending.popleft()
-                    else:
-                        while not owner.order and owner.error is None:
-                            cond.wait()
-                        if owner.error is not None:
-                            raise owner.error
-                        block = owner.order.popleft()
-                        owner.done.pop(block.start, None)
-                        pending.remove(block)
-                outstanding -= block.n
+                read_ahead.outstanding -= block.n
                 vals = block.vals
                 assert vals is not None
                 if not block.special:
@@ -510,6 +494,71 @@ class RunningFlow(RunContext):
                 with cond:
                     owner.done.clear()
                     owner.order.clear()
+
+    def _next_block(
+        self,
+        values: Iterator[Any],
+        owner: _QueueOwner,
+        pending: deque[_Block],
+        ordered: bool,
+        ra: _ReadAhead,
+    ) -> _Block | None:
+        """Read ahead, then wait (helping the pool) for the next finished block."""
+        limit = ra.limit
+        # read ahead, up to max_in_flight items beyond what was consumed
+        while not ra.exhausted and ra.outstanding < limit:
+            # read whole chunks only: refilling just what was consumed would keep
+            # the first small chunks' sizes for ever
+            chunk = ra.chunk
+            if ra.outstanding and ra.outstanding + chunk > limit:
+                break
+            take = min(chunk, limit - ra.outstanding)
+            batch = list(itertools.islice(values, take))
+            if len(batch) < take:
+                ra.exhausted = True
+            if not batch:
+                break
+            pending.append(self._enter(batch, owner))
+            ra.outstanding += len(batch)
+            ra.chunk = min(ra.cap, chunk * 2)
+            if not ordered and owner.order:
+                break  # results are waiting: yield them first
+        if not pending:
+            return None
+        cond = owner.cond
+        pool = self._pool
+        with cond:
+            if ordered:
+                head = pending[0]
+                while head.start not in owner.done and owner.error is None:
+                    if pool.ready:
+                        cond.release()
+                        try:
+                            pool.help_one()
+                        finally:
+                            cond.acquire()
+                        continue
+                    cond.wait()
+                if owner.error is not None:
+                    raise owner.error
+                block = owner.done.pop(head.start)
+                pending.popleft()
+            else:
+                while not owner.order and owner.error is None:
+                    if pool.ready:
+                        cond.release()
+                        try:
+                            pool.help_one()
+                        finally:
+                            cond.acquire()
+                        continue
+                    cond.wait()
+                if owner.error is not None:
+                    raise owner.error
+                block = owner.order.popleft()
+                owner.done.pop(block.start, None)
+                pending.remove(block)
+        return block
 
     # -- completion (called from host threads) ---------------------------------
     def _complete(self, ids: Any, vals: list[Any], special: bool) -> None:
