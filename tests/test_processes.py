@@ -900,3 +900,19 @@ def test_spawn_start_method_works() -> None:
 def test_plain_fork_is_refused() -> None:
     with pytest.raises(ValueError, match="'forkserver' or 'spawn'"):
         ProcessPool(1, start_method="fork")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="F_SETPIPE_SZ is Linux's")
+def test_worker_pipes_hold_a_whole_batch(pool: ProcessPool) -> None:
+    # a batch of log lines is ~70 KB: with the default 64 KB pipe the parent could not
+    # send the next batch until the worker started reading it
+    import fcntl
+
+    with open("/proc/sys/fs/pipe-max-size") as f:
+        if int(f.read()) < 1 << 20:
+            pytest.skip("this machine caps pipes below 1 MiB")
+    pool.start()
+    for slot in pool._slots:
+        for conn in (slot.to_worker, slot.from_worker):
+            assert conn is not None
+            assert fcntl.fcntl(conn.fileno(), getattr(fcntl, "F_GETPIPE_SZ", 1032)) == 1 << 20

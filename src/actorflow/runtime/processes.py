@@ -1169,6 +1169,23 @@ def _kill_leftovers(slots: list[_Slot], lock: threading.Lock) -> None:
             proc.join(_STOP_GRACE_S)
 
 
+_PIPE_BYTES = 1 << 20  # a batch of log lines is ~70 KB: more than a default 64 KB pipe
+
+
+def _widen_pipe(conn: Any) -> None:
+    """Give a worker pipe 1 MiB of buffer (Linux), so a batch is written without
+    waiting for the other side to read: the parent sends the next batch while the
+    worker computes, and the worker flushes results while the parent is busy."""
+    if not sys.platform.startswith("linux"):
+        return
+    import fcntl
+
+    try:
+        fcntl.fcntl(conn.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), _PIPE_BYTES)
+    except OSError:
+        pass  # above /proc/sys/fs/pipe-max-size for this user: the default stays
+
+
 class ProcessPool:
     """A pool of long-lived worker processes that runs chains of functions on batches.
 
@@ -1866,6 +1883,8 @@ class ProcessPool:
             self._lost(slot, None, in_flight=0)  # died while idle: reap, report, replace
         inbox, to_worker = self._ctx.Pipe(duplex=False)
         from_worker, outbox = self._ctx.Pipe(duplex=False)
+        _widen_pipe(to_worker)
+        _widen_pipe(outbox)
         process = self._ctx.Process(
             target=_worker_main,
             args=(

@@ -480,13 +480,12 @@ class RunningFlow(RunContext):
                 if not block.special:
                     yield from vals
                     continue
-                for v in vals:
+                if not ordered:  # skipped and failed items are not yielded (dead_letters())
+                    yield from [v for v in vals if v is not SKIP and type(v) is not Failed]
+                    continue
+                for v in vals:  # map: a skipped item yields SKIP in its place
                     if type(v) is Failed:
-                        if ordered:
-                            raise RunFailed(list(v.failures), self.run_id)
-                        continue
-                    if v is SKIP and not ordered:
-                        continue
+                        raise RunFailed(list(v.failures), self.run_id)
                     yield v
         finally:
             if pending and not self._stopped:
