@@ -351,3 +351,36 @@ def test_a_blocked_node_does_not_hold_up_others_while_a_retry_timer_is_pending()
         release.set()
         assert held.result(timeout=10) == ["s", "s", "s"]
         running.stop(drain=False)  # the pending retry is not waited for
+
+
+def test_a_helping_thread_runs_computing_jobs_and_leaves_waiting_ones_to_hosts() -> None:
+    from actorflow.runtime.actors import HostPool
+
+    errors: list[BaseException] = []
+    pool = HostPool("helping", errors.append)
+    ran: dict[str, str] = {}
+    done = threading.Event()
+
+    class Job:
+        def __init__(self, name: str, helpable: bool) -> None:
+            self.name = name
+            self.helpable = helpable
+
+        def run(self) -> None:
+            ran[self.name] = threading.current_thread().name
+            if len(ran) == 2:
+                done.set()
+
+    try:
+        pool.helping(True)
+        pool.schedule(Job("computes", True))  # waits for this thread
+        assert pool.help_one()
+        pool.schedule(Job("waits", False))  # e.g. a process chain's runner: a host's
+        assert not pool.help_one()
+        pool.helping(False)
+        assert done.wait(10)
+    finally:
+        pool.shutdown()
+    assert ran["computes"] == threading.current_thread().name
+    assert ran["waits"] != threading.current_thread().name
+    assert errors == []

@@ -379,7 +379,7 @@ class HostPool:
             del self.clocks[key]
 
     def help_one(self) -> bool:
-        """Run one queued job in this thread, if any; return whether one ran.
+        """Run one queued job that computes in its thread, if any; return whether one ran.
 
         A thread that waits for results (a consumer of ``map`` / ``stream``)
         calls it instead of sleeping, so the work it queued runs without a
@@ -393,10 +393,15 @@ class HostPool:
                     wait_for_results()
         """
         with self.lock:
-            if not self.ready or self.closed:
+            if self.closed:
                 return False
-            self._run_job(self.ready.popleft())
-        return True
+            ready = self.ready
+            for i, job in enumerate(ready):  # the head, nearly always
+                if job.helpable:
+                    del ready[i]
+                    self._run_job(job)
+                    return True
+        return False  # only jobs that mostly wait (process runners): hosts take them
 
     def helping(self, on: bool) -> None:
         """Mark this thread as a helper: jobs it queues wait for it (see :meth:`schedule`).

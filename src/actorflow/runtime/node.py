@@ -820,6 +820,7 @@ class Segment:
         number of skipped items."""
         from actorflow.runtime import processes as pr
 
+        # not values.count(SKIP): that calls each value's __eq__ (a numpy array's raises)
         skipped = sum(1 for v in values if v is SKIP)
         ok = len(values) - len(fails)
         if fails:

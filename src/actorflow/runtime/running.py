@@ -533,10 +533,11 @@ class RunningFlow(RunContext):
                     if pool.ready:
                         cond.release()
                         try:
-                            pool.help_one()
+                            helped = pool.help_one()
                         finally:
                             cond.acquire()
-                        continue
+                        if helped:
+                            continue
                     cond.wait()
                 if owner.error is not None:
                     raise owner.error
@@ -547,10 +548,11 @@ class RunningFlow(RunContext):
                     if pool.ready:
                         cond.release()
                         try:
-                            pool.help_one()
+                            helped = pool.help_one()
                         finally:
                             cond.acquire()
-                        continue
+                        if helped:
+                            continue
                     cond.wait()
                 if owner.error is not None:
                     raise owner.error
