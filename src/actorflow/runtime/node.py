@@ -259,6 +259,11 @@ def _is_special(v: Any) -> bool:
     return v is SKIP or type(v) is Failed
 
 
+def _unthrottle(segments: list[Segment]) -> None:
+    for seg in segments:
+        seg.unthrottle()
+
+
 class Edge:
     """Bookkeeping of one edge: sequence numbers of the batches sent on it."""
 
@@ -542,6 +547,15 @@ class Segment:
                 return entry
         return None  # every waiting batch belongs to an instance that is busy
 
+    def _taken(self, n: int) -> list[Segment] | None:
+        """Under the lock: ``n`` items left the queue; the throttled upstream segments
+        to wake (outside the lock, with :func:`_unthrottle`) once it is half empty."""
+        self.queued -= n
+        if self.waiters and self.queued <= self.capacity // 2:
+            wake, self.waiters = self.waiters, []
+            return wake
+        return None
+
     def _claim_runners(self) -> int:
         # called under the lock: how many new runners to ask for
         if self.throttle > 0 or self.cancelled:
@@ -581,12 +595,9 @@ class Segment:
                 batches += 1
                 ticket, ids, vals, special, pin = entry
                 n = len(vals)
-                self.queued -= n
-                if self.waiters and self.queued <= self.capacity // 2:
-                    wake, self.waiters = self.waiters, []
+                wake = self._taken(n)
             if wake is not None:
-                for w in wake:
-                    w.unthrottle()
+                _unthrottle(wake)
             if self.is_async:  # hand the batch to the event loop; do not wait for it
                 self._start_async(ticket, ids, vals, special)
                 continue
@@ -680,12 +691,9 @@ class Segment:
                         if work and not work[0][3] and not self.throttle and not self.cancelled:
                             nxt = work.popleft()
                             batches += 1
-                            self.queued -= len(nxt[2])
-                            if self.waiters and self.queued <= self.capacity // 2:
-                                wake, self.waiters = self.waiters, []
+                            wake = self._taken(len(nxt[2]))
                 if wake is not None:
-                    for w in wake:
-                        w.unthrottle()
+                    _unthrottle(wake)
                 if nxt is not None:
                     in_hand.append(nxt)
                     head.in_flight += len(nxt[2])
