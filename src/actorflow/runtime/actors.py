@@ -314,7 +314,7 @@ class HostPool:
                 if self._caller_runs:
                     # run queued jobs until none is left or notify() says the
                     # predicate may have changed (an item finished, a fatal error)
-                    while self.ready and not self.closed and not self._poked:
+                    if self.ready and not self.closed and not self._poked:
                         self._run_in_caller()
                     if self._poked or (self.ready and not self.closed):
                         continue
@@ -338,19 +338,13 @@ class HostPool:
                 mark = self._watch_step(mark)
 
     def _run_in_caller(self) -> None:
-        # under the lock: take the next job and run it in this (the waiting) thread
-        self._run_job(self.ready.popleft())
+        # under the lock: run queued jobs in this (the waiting) thread until none is
+        # left or notify() says the caller's predicate may have changed
+        self._run_job(self.ready.popleft(), series=True)
 
-    def _run_job(self, job: Job) -> None:
-        # under the lock (released while the job runs): a waiting thread runs ``job``
-        self.taken += 1
-        if self.ready or self._timers:
-            # others wait while this thread runs a job it may block in: someone must
-            # see a stall (and fire timers); the watcher polls while jobs wait
-            if self._watcher is None:
-                self._start_watcher()
-            elif self._watch_sleeping:
-                self.cond.notify_all()
+    def _run_job(self, job: Job, *, series: bool = False) -> None:
+        """Under the lock (released while jobs run): a waiting thread runs ``job``, then,
+        with ``series``, the next queued jobs while there are any and nobody pokes."""
         local = self._local
         key = getattr(local, "key", None)
         if key is None:
@@ -359,22 +353,37 @@ class HostPool:
         self.clocks[key] = local.clock  # the watcher measures this thread like a host
         self._helping += 1
         prefer = getattr(local, "prefer", False)
-        local.prefer = True  # jobs this one queues wait for this thread, too
-        self.lock.release()
+        local.prefer = True  # jobs these queue wait for this thread, too
+        ready = self.ready
         try:
-            job.run()
-        except KeyboardInterrupt as exc:
-            # Ctrl-C lands in whatever this thread runs: it is re-raised here, so
-            # run() / the consumer's loop sees it; a started graph stops, as a
-            # segment may have been interrupted half-way
-            if not self._caller_runs:
-                self._report_fatal(exc)
-            raise
-        except BaseException as exc:  # as a host does: a task's SystemExit ends the run
-            self._report_fatal(exc)
+            while True:
+                self.taken += 1
+                if ready or self._timers:
+                    # others wait while this thread runs a job it may block in: someone
+                    # must see a stall (and fire timers); the watcher polls while jobs wait
+                    if self._watcher is None:
+                        self._start_watcher()
+                    elif self._watch_sleeping:
+                        self.cond.notify_all()
+                self.lock.release()
+                try:
+                    job.run()
+                except KeyboardInterrupt as exc:
+                    # Ctrl-C lands in whatever this thread runs: it is re-raised here,
+                    # so run() / the consumer's loop sees it; a started graph stops,
+                    # as a segment may have been interrupted half-way
+                    if not self._caller_runs:
+                        self._report_fatal(exc)
+                    raise
+                except BaseException as exc:  # as a host does: a task's SystemExit ends it
+                    self._report_fatal(exc)
+                finally:
+                    self.lock.acquire()
+                if not (series and ready and not self._poked and not self.closed):
+                    return
+                job = ready.popleft()
         finally:
             local.prefer = prefer
-            self.lock.acquire()
             self._helping -= 1
             del self.clocks[key]
 
