@@ -8,10 +8,12 @@ import threading
 import time
 from collections.abc import Iterator
 from typing import Any
+from unittest import mock
 
 import pytest
 
 import actorflow as af
+from actorflow.runtime.running import RunningFlow
 from tests.conftest import wait_until
 
 
@@ -384,3 +386,161 @@ def test_a_helping_thread_runs_computing_jobs_and_leaves_waiting_ones_to_hosts()
     assert ran["computes"] == threading.current_thread().name
     assert ran["waits"] != threading.current_thread().name
     assert errors == []
+
+
+def test_map_does_not_miss_a_result_while_another_thread_submits() -> None:
+    # the consumer helped, found nothing it may run, and slept through the notify of a
+    # block that had finished meanwhile (review of the helping change)
+    @af.task
+    def inc(x: int) -> int:
+        return x + 1
+
+    @af.flow
+    def f(x: int) -> Any:
+        return inc(x)
+
+    for _ in range(30):
+        with f.start(max_in_flight=4) as running:
+            stop = threading.Event()
+
+            def submitter(r: Any = running, stop: threading.Event = stop) -> None:
+                while not stop.is_set():
+                    r.submit(0).result(timeout=10)
+
+            t = threading.Thread(target=submitter)
+            t.start()
+            try:
+                assert list(running.map(range(50))) == list(range(1, 51))
+            finally:
+                stop.set()
+                t.join()
+
+
+def test_a_consumer_blocked_on_backpressure_runs_the_items_it_queued() -> None:
+    @af.task
+    def inc(x: int) -> int:
+        return x + 1
+
+    @af.flow
+    def f(x: int) -> Any:
+        return inc(x)
+
+    with f.start(max_in_flight=4) as running:
+        futures: list[Any] = []
+
+        def source() -> Iterator[int]:
+            yield 0
+            # other items arrive while map reads its source: the consumer's next
+            # _enter() waits for room that only its own queued job can make
+            futures.append(running.submit(100))
+            futures.append(running.submit(200))
+            yield from (1, 2, 3)
+
+        assert list(running.map(source())) == [1, 2, 3, 4]
+        assert [fut.result(timeout=10) for fut in futures] == [101, 201]
+
+
+def test_a_consumer_yields_its_first_result_before_the_rest_are_computed() -> None:
+    @af.task
+    def slow(x: int) -> int:
+        time.sleep(0.05)
+        return x
+
+    @af.flow
+    def f(x: int) -> Any:
+        return slow(x)
+
+    with f.start() as running:
+        for mode in ("map", "stream"):
+            first: float | None = None
+            t0 = time.perf_counter()
+            for _ in getattr(running, mode)(range(40)):
+                if first is None:
+                    first = time.perf_counter() - t0
+            total = time.perf_counter() - t0
+            assert first is not None
+            assert first < total / 4  # not after the whole read-ahead ran (40 x 0.05 s)
+
+
+def test_stop_without_drain_from_another_thread_waits_for_a_helping_consumer() -> None:
+    calls: list[float] = []
+
+    @af.task
+    def slow(x: int) -> int:
+        calls.append(time.perf_counter())
+        time.sleep(0.1)
+        return x
+
+    @af.flow
+    def f(x: int) -> Any:
+        return slow(x)
+
+    running = f.start()
+    started = threading.Event()
+    stopped_at: list[float] = []
+
+    def stopper() -> None:
+        started.wait(10)
+        running.stop(drain=False)
+        stopped_at.append(time.perf_counter())
+
+    t = threading.Thread(target=stopper)
+    t.start()
+    got = []
+    with pytest.raises(af.ActorflowError):
+        for v in running.map(range(64)):
+            got.append(v)
+            started.set()
+    t.join()
+    assert got  # some items finished before the stop
+    assert not [c for c in calls if c > stopped_at[0]]  # no call began after stop returned
+
+
+def test_quick_nodes_left_by_a_busy_consumer_take_one_host_not_one_each() -> None:
+    tasks = []
+    for i in range(20):
+
+        def fn(x: int, i: int = i) -> int:
+            return x + i
+
+        fn.__name__ = f"t{i}"
+        tasks.append(af.task(fn))
+
+    @af.task
+    def comb(*a: int) -> int:
+        return sum(a)
+
+    @af.flow
+    def f(x: int) -> Any:
+        return comb(*[t(x) for t in tasks])
+
+    with f.start() as running:
+        for _ in running.map(range(1000)):
+            time.sleep(0.0003)  # the consumer's own work per result
+        hosts = running._pool.started_hosts
+    assert hosts <= 4  # one drains the queue (a few more if the machine stalls a host)
+
+
+def test_run_returns_when_a_node_fails_internally_past_its_restart_limit() -> None:
+    from actorflow.testing import crash_node
+
+    @af.task
+    def a(x: int) -> int:
+        return x + 1
+
+    @af.task
+    def b(x: int) -> int:
+        return x * 2
+
+    @af.flow(supervision=af.Supervision(max_restarts=0))
+    def f(x: int) -> Any:
+        return b(a(x))
+
+    original = RunningFlow.submit
+
+    def submit(self: RunningFlow, *args: Any, **kwargs: Any) -> Any:
+        crash_node(self, "a", times=1)  # inside run(), before the item enters
+        return original(self, *args, **kwargs)
+
+    with mock.patch.object(RunningFlow, "submit", submit), pytest.raises(af.ActorflowError):
+        f.run(1)  # used to hang: the caller waited in the pool and was never woken

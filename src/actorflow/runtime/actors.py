@@ -125,6 +125,8 @@ class HostPool:
         self._caller_runs = caller_runs
         self._caller_waiting = False  # the caller-runs thread sleeps in wait()
         self._helping = 0  # threads running a job they took while waiting for results
+        self._helpers: set[object] = set()  # their keys (shutdown waits for them)
+        self._helper_jobs: dict[object, Job] = {}  # key -> the job that helper runs now
         # per thread: .prefer (jobs it queues wait for it to help), .key / .clock (its
         # CPU clock, registered in ``clocks`` while it runs a job)
         self._local = threading.local()
@@ -268,9 +270,19 @@ class HostPool:
         # nobody runs anything (queued jobs wait for a helper that went away), or
         # some busy threads are blocked in tasks
         blocked = [r for r in measured if cpu[r] - before[r] < window * 0.25e9]
+        if not self._caller_runs:
+            for r in blocked:
+                job = self._helper_jobs.get(r)
+                if job is not None:
+                    # a consumer blocked in this job's task: from now on its work goes to
+                    # hosts, and the consumer stays free to yield results
+                    job.helpable = False
         if blocked or not cpu:
             every = len(blocked) == len(measured)
-            want = len(self.ready) if every else len(blocked)
+            if not cpu:
+                want = 1  # nobody runs anything: one host drains the queue; then measure it
+            else:
+                want = len(self.ready) if every else len(blocked)
             n = min(want, self.max_hosts - self.n_hosts)
             if n > 0:
                 self.n_hosts += n
@@ -352,8 +364,10 @@ class HostPool:
             local.clock = time.pthread_getcpuclockid(threading.get_ident())
         self.clocks[key] = local.clock  # the watcher measures this thread like a host
         self._helping += 1
+        self._helpers.add(key)
         prefer = getattr(local, "prefer", False)
         local.prefer = True  # jobs these queue wait for this thread, too
+        local.helping_job = True  # a segment it runs yields after one batch (see quantum())
         ready = self.ready
         try:
             while True:
@@ -365,6 +379,7 @@ class HostPool:
                         self._start_watcher()
                     elif self._watch_sleeping:
                         self.cond.notify_all()
+                self._helper_jobs[key] = job
                 self.lock.release()
                 try:
                     job.run()
@@ -384,8 +399,24 @@ class HostPool:
                 job = ready.popleft()
         finally:
             local.prefer = prefer
+            local.helping_job = False
             self._helping -= 1
+            self._helpers.discard(key)
+            self._helper_jobs.pop(key, None)
             del self.clocks[key]
+            if self.closed:
+                self.cond.notify_all()  # shutdown() waits for helpers to finish their job
+
+    def is_helping(self) -> bool:
+        """Whether this thread is a helper right now (see :meth:`helping`)."""
+        return bool(getattr(self._local, "prefer", False))
+
+    def quantum(self, default: int) -> int:
+        """How many batches a segment may run before requeueing itself: one when a
+        consumer thread runs it (it must get back to yielding results soon)."""
+        if not self._caller_runs and getattr(self._local, "helping_job", False):
+            return 1
+        return default
 
     def help_one(self) -> bool:
         """Run one queued job that computes in its thread, if any; return whether one ran.
@@ -541,8 +572,14 @@ class HostPool:
             self._timers.clear()
             self.idle.clear()
             self.cond.notify_all()
-            # hosts being started right now must be stopped and joined too
-            while self._starting or len(self.threads) < len(self._refs):
+            # hosts being started right now must be stopped and joined too, and
+            # threads running a job they took while waiting (not this one) must be done
+            me = getattr(self._local, "key", None)
+            while (
+                self._starting
+                or len(self.threads) < len(self._refs)
+                or any(k is not me for k in self._helpers)
+            ):
                 self.cond.wait()
             refs = list(self._refs)
             watcher = self._watcher
@@ -690,6 +727,12 @@ class Deadlines:
     ) -> Any:
         """Return ``thunk()``, or raise TaskTimeout once ``timeout`` seconds have passed."""
         with self.lock:
+            if self.closed:  # the run stopped: no new thread may start
+                from actorflow.errors import ActorflowError
+
+                raise ActorflowError(
+                    f"task {task!r} (item {item!r}) was not called: its run was stopped"
+                )
             runner = self.idle.pop() if self.idle else None
         if runner is None:
             runner = _Runner(self, f"actorflow-timeout-{self.run_id}-{len(self.runners)}")

@@ -579,13 +579,14 @@ class Segment:
         work = self.work
         keyed = self.key_fn is not None
         head = self.stats[0]
+        quantum = self.ctx.quantum()
         while True:
             wake: list[Segment] | None = None
             with self.lock:
                 if not work or self.throttle > 0 or self.cancelled:
                     self.running -= 1
                     return
-                if batches >= _QUANTUM:
+                if batches >= quantum:
                     requeue = True
                     break
                 entry = self._take_work() if keyed else work.popleft()
@@ -1539,6 +1540,10 @@ class RunContext:
     def on_task_failed(self, failure: Failure) -> None:  # pragma: no cover - interface
         """A call failed for good (retries ran out): log it, run on_failure handlers."""
         raise NotImplementedError
+
+    def quantum(self) -> int:
+        """Batches a segment runs before it requeues itself (fewer in a consumer's thread)."""
+        return _QUANTUM
 
     def call_later(
         self, delay: float, fn: Callable[..., None], *args: Any

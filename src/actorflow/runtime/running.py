@@ -29,7 +29,7 @@ from actorflow.errors import ActorflowError, Failure, RunFailed
 from actorflow.graph import EntrySpec
 from actorflow.observe.log import EventLog, enabled
 from actorflow.runtime.actors import Deadlines, HostPool
-from actorflow.runtime.node import Failed, Joiner, RunContext, Segment
+from actorflow.runtime.node import _QUANTUM, Failed, Joiner, RunContext, Segment
 from actorflow.runtime.plan import Plan, compile_plan
 from actorflow.supervision import Supervision
 
@@ -367,9 +367,22 @@ class RunningFlow(RunContext):
     def _enter(self, values: list[Any], owner: Any) -> _Block:
         """Allocate ids for ``values``, wait for room, register the block, send it in."""
         n = len(values)
+        pool = self._pool
         with self._space:
             while self._in_flight + n > self.max_in_flight and self._in_flight > 0:
                 self._check_open()
+                if pool.ready and pool.is_helping():
+                    # the items in flight may be waiting for this very thread (a
+                    # consumer of map/stream queued them): run them rather than sleep
+                    self._space.release()
+                    try:
+                        helped = pool.help_one()
+                    finally:
+                        self._space.acquire()
+                    if helped:
+                        continue
+                    if not (self._in_flight + n > self.max_in_flight and self._in_flight > 0):
+                        break
                 if self._batch:
                     self._space.wait()
                 else:
@@ -536,7 +549,8 @@ class RunningFlow(RunContext):
                             helped = pool.help_one()
                         finally:
                             cond.acquire()
-                        if helped:
+                        # re-check before sleeping: a block may have finished meanwhile
+                        if helped or head.start in owner.done or owner.error is not None:
                             continue
                     cond.wait()
                 if owner.error is not None:
@@ -551,7 +565,8 @@ class RunningFlow(RunContext):
                             helped = pool.help_one()
                         finally:
                             cond.acquire()
-                        if helped:
+                        # re-check before sleeping: a block may have finished meanwhile
+                        if helped or owner.order or owner.error is not None:
                             continue
                     cond.wait()
                 if owner.error is not None:
@@ -866,6 +881,10 @@ class RunningFlow(RunContext):
     ) -> list[tuple[bool, Any, int]]:
         return self._pool.map_parallel(fn, items, parallelism, policy)
 
+    def quantum(self) -> int:
+        # a consumer of map/stream running a segment must get back to its results soon
+        return self._pool.quantum(_QUANTUM)
+
     def _on_fatal(self, exc: BaseException, *, internal: bool = True) -> None:
         with self._lock:
             if self._fatal is None:
@@ -874,6 +893,7 @@ class RunningFlow(RunContext):
             self._blocks.clear()
             self._in_flight = 0
             self._space.notify_all()
+        self._pool.notify()  # run() waits in the pool: it re-checks for a fatal error
         if not isinstance(exc, Exception) or not internal:
             error: BaseException = exc
         else:
