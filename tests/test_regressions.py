@@ -544,3 +544,41 @@ def test_run_returns_when_a_node_fails_internally_past_its_restart_limit() -> No
 
     with mock.patch.object(RunningFlow, "submit", submit), pytest.raises(af.ActorflowError):
         f.run(1)  # used to hang: the caller waited in the pool and was never woken
+
+
+def test_single_items_through_a_chain_take_the_fast_loop_and_keep_exact_counts() -> None:
+    # one single item in 8 is timed on the careful path; the others take the generated
+    # loop: results, failures and counters must be the same either way
+    @af.task
+    def inc(x: int) -> int:
+        return x + 1
+
+    @af.task
+    def picky(x: int) -> int:
+        if x == 6:
+            raise ValueError("six")
+        return x
+
+    @af.task
+    def dec(x: int) -> Any:
+        return af.SKIP if x == 11 else x - 1
+
+    @af.flow
+    def f(x: int) -> Any:
+        return dec(picky(inc(x)))
+
+    with f.start() as running:
+        outs = []
+        for i in range(20):
+            fut = running.submit(i)
+            try:
+                outs.append(fut.result(timeout=10))
+            except af.RunFailed as exc:
+                outs.append(f"failed in {exc.failures[0].task}")
+        m = running.metrics()
+    expected: list[Any] = list(range(20))
+    expected[5], expected[10] = "failed in picky", af.SKIP
+    assert outs == expected
+    assert (m["inc"].done, m["picky"].done, m["picky"].failed) == (20, 19, 1)
+    assert (m["dec"].done, m["dec"].skipped) == (18, 1)
+    assert m["inc"].p50_s is not None  # sampled

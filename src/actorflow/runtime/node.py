@@ -52,6 +52,7 @@ __all__ = ["Failed", "NodeStats", "Segment"]
 _log = logging.getLogger("actorflow")
 _LATENCY_SAMPLES = 512
 _QUANTUM = 16  # batches a segment processes before yielding its host
+_SAMPLE_SINGLES = 8  # single items through a chain: one in 8 is timed (careful path)
 
 
 class Failed:
@@ -326,6 +327,7 @@ class Segment:
         "running",
         "schedule",
         "simple",
+        "singles",
         "stats",
         "throttle",
         "waiters",
@@ -370,6 +372,7 @@ class Segment:
         self.fns: list[Any] = []
         self.instances: list[Any] = []  # free instances of a class task
         self.fast: Callable[..., None] | None = None
+        self.singles = 0  # single-item batches processed (one in _SAMPLE_SINGLES is timed)
         self.cancelled = False
         self.retrying = 0  # items waiting on a retry timer
         self.restarts = 0
@@ -1072,13 +1075,20 @@ class Segment:
                     return ids, [r], True
                 stats.done += 1
                 return ids, [r], False
-            r = careful(ids[0], vals[0], 0, timed=True, clean=True, pin=pin)  # a single item
-            if r is _PENDING:
-                return ids[:0], [], False
-            return ids, [r], r is SKIP or type(r) is Failed
+            # a single item of a chain: the first one, and one in _SAMPLE_SINGLES after
+            # it, walks the careful path, timed (it samples latencies); the others take
+            # the generated loop (compiled on the second item: a graph run once with
+            # one item never pays for code generation)
+            singles = self.singles
+            self.singles = singles + 1
+            if singles % _SAMPLE_SINGLES == 0 or not self.plan.fusable:
+                r = careful(ids[0], vals[0], 0, timed=True, clean=True, pin=pin)
+                if r is _PENDING:
+                    return ids[:0], [], False
+                return ids, [r], r is SKIP or type(r) is Failed
         out: list[Any] = []
-        fast = self.fast if n > 1 else None
-        if fast is None and n > 1:
+        fast = self.fast
+        if fast is None:
             fast = self.fast = self.plan.fast()
         debug = _debug_enabled()  # one check per batch; DEBUG events need the careful path
         held = 0
@@ -1097,14 +1107,16 @@ class Segment:
         n_nodes = len(nodes)
         skips = [0] * n_nodes
         stopped = [0] * n_nodes  # items that left node k failed or pending a retry
-        # the first item of each batch walks the careful path: it samples latencies
-        r = careful(ids[0], vals[0], 0, timed=True, clean=True)
-        out.append(r)
-        if r is _PENDING:
-            held += 1
-        else:
-            any_special = r is SKIP or type(r) is Failed
-        start = 1
+        start = 0
+        if n > 1:
+            # the first item of each batch walks the careful path: it samples latencies
+            r = careful(ids[0], vals[0], 0, timed=True, clean=True)
+            out.append(r)
+            if r is _PENDING:
+                held += 1
+            else:
+                any_special = r is SKIP or type(r) is Failed
+            start = 1
         err: list[tuple[int, Any, BaseException]] = []
         while start < n:
             fast(islice(vals, start, None), out, skips, err)
@@ -1122,7 +1134,7 @@ class Segment:
                 any_special = True
                 out.append(careful(ids[i], outcome, k + 1, timed=False))
             start = i + 1
-        entering = n - 1
+        entering = n - 1 if n > 1 else n  # items the generated loop took in
         skipped_so_far = 0  # a skip marker passes every later node of the chain: skipped there
         for k, node_stats in enumerate(self.stats):
             if nodes[k].kind == "exceptionally":
