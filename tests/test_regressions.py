@@ -496,29 +496,33 @@ def test_stop_without_drain_from_another_thread_waits_for_a_helping_consumer() -
     assert not [c for c in calls if c > stopped_at[0]]  # no call began after stop returned
 
 
-def test_quick_nodes_left_by_a_busy_consumer_take_one_host_not_one_each() -> None:
-    tasks = []
-    for i in range(20):
+def test_jobs_left_queued_with_nobody_running_start_one_host_not_one_each() -> None:
+    # a consumer left its queued jobs behind (its loop body runs): the watcher used to
+    # start one host per waiting job (38 hosts for a 21-node graph)
+    from actorflow.runtime.actors import HostPool
 
-        def fn(x: int, i: int = i) -> int:
-            return x + i
+    errors: list[BaseException] = []
+    pool = HostPool("stranded", errors.append, watcher_thread=False)
+    done = threading.Semaphore(0)
 
-        fn.__name__ = f"t{i}"
-        tasks.append(af.task(fn))
+    class Job:
+        helpable = True
 
-    @af.task
-    def comb(*a: int) -> int:
-        return sum(a)
+        def run(self) -> None:
+            done.release()
 
-    @af.flow
-    def f(x: int) -> Any:
-        return comb(*[t(x) for t in tasks])
-
-    with f.start() as running:
-        for _ in running.map(range(1000)):
-            time.sleep(0.0003)  # the consumer's own work per result
-        hosts = running._pool.started_hosts
-    assert hosts <= 4  # one drains the queue (a few more if the machine stalls a host)
+    try:
+        with pool.lock:
+            pool.ready.extend(Job() for _ in range(5))
+            window_ago = (pool.taken, time.monotonic() - 1.0, {})  # nobody was busy
+            pool._watch_step(window_ago)
+            assert pool.n_hosts == 1
+        for _ in range(5):
+            assert done.acquire(timeout=10)  # the one host drains the queue
+    finally:
+        pool.shutdown()
+    assert pool.started_hosts == 1
+    assert errors == []
 
 
 def test_run_returns_when_a_node_fails_internally_past_its_restart_limit() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import signal
@@ -252,11 +253,11 @@ def test_run_moves_waiting_nodes_off_a_caller_blocked_in_a_task() -> None:
 
 
 def test_a_map_consumer_runs_quick_work_itself() -> None:
-    threads: set[str] = set()
+    calls: collections.Counter[str] = collections.Counter()
 
     @af.task
     def where(x: int) -> int:
-        threads.add(threading.current_thread().name)
+        calls[threading.current_thread().name] += 1
         return x * 2
 
     @af.flow
@@ -266,7 +267,9 @@ def test_a_map_consumer_runs_quick_work_itself() -> None:
     with f.start(max_in_flight=64) as running:
         assert list(running.map(range(500))) == [x * 2 for x in range(500)]
         assert list(running.stream(range(5))) == [0, 2, 4, 6, 8]
-    assert threads == {threading.current_thread().name}  # no hand-off to a host
+    # no hand-off to a host for quick work (work the consumer leaves queued while it
+    # is away, e.g. descheduled on a busy machine, may go to a host after 2 ms)
+    assert calls[threading.current_thread().name] >= 0.8 * sum(calls.values())
 
 
 def test_a_helping_consumer_blocked_in_a_task_does_not_hold_back_the_others() -> None:
