@@ -586,3 +586,25 @@ def test_single_items_through_a_chain_take_the_fast_loop_and_keep_exact_counts()
     assert (m["inc"].done, m["picky"].done, m["picky"].failed) == (20, 19, 1)
     assert (m["dec"].done, m["dec"].skipped) == (18, 1)
     assert m["inc"].p50_s is not None  # sampled
+
+
+def test_no_os_thread_outlives_a_run_whose_watcher_started_hosts() -> None:
+    # the watcher is a bare thread (not in threading.enumerate()); the hosts it starts
+    # register a stand-in thread object for it, dropped when it exits
+    import psutil
+
+    me = psutil.Process()
+    before = me.num_threads()
+
+    @af.task
+    def nap(x: int) -> int:
+        time.sleep(0.05)
+        return x
+
+    @af.flow
+    def f(x: int) -> Any:
+        return [nap(x) for _ in range(4)]
+
+    assert f.run(1) == [1, 1, 1, 1]
+    assert not [t for t in threading.enumerate() if "Dummy" in t.name]
+    wait_until(lambda: me.num_threads() <= before)  # the OS threads are gone too
