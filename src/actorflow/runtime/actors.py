@@ -125,9 +125,10 @@ class HostPool:
         # host starts until a job waits while that thread is blocked in a task
         self._caller_runs = caller_runs
         self._caller_waiting = False  # the caller-runs thread sleeps in wait()
-        self._helping = 0  # threads running a job they took while waiting for results
-        self._helpers: set[object] = set()  # their keys (shutdown waits for them)
-        self._helper_jobs: dict[object, Job] = {}  # key -> the job that helper runs now
+        # keys of the threads running a job they took while waiting (shutdown waits
+        # for them), and the job each runs
+        self._helpers: set[object] = set()
+        self._helper_jobs: dict[object, Job] = {}
         # per thread: .prefer (jobs it queues wait for it to help), .key / .clock (its
         # CPU clock, registered in ``clocks`` while it runs a job)
         self._local = threading.local()
@@ -157,13 +158,10 @@ class HostPool:
                 if prefer:
                     if self._caller_waiting:
                         self.cond.notify_all()  # the caller-runs thread takes it
-                    elif self._helping:
+                    elif self._helpers:
                         # a helper runs a job meanwhile and may block in it: the
                         # watcher must poll (it is not woken per job)
-                        if self._watcher is None:
-                            self._start_watcher()
-                        elif self._watch_sleeping:
-                            self.cond.notify_all()
+                        self._ensure_watching()
                 elif self.n_hosts == 0:
                     spawn = True
                     self.n_hosts += 1
@@ -364,7 +362,6 @@ class HostPool:
             key = local.key = object()
             local.clock = time.pthread_getcpuclockid(threading.get_ident())
         self.clocks[key] = local.clock  # the watcher measures this thread like a host
-        self._helping += 1
         self._helpers.add(key)
         prefer = getattr(local, "prefer", False)
         local.prefer = True  # jobs these queue wait for this thread, too
@@ -376,10 +373,7 @@ class HostPool:
                 if ready or self._timers:
                     # others wait while this thread runs a job it may block in: someone
                     # must see a stall (and fire timers); the watcher polls while jobs wait
-                    if self._watcher is None:
-                        self._start_watcher()
-                    elif self._watch_sleeping:
-                        self.cond.notify_all()
+                    self._ensure_watching()
                 self._helper_jobs[key] = job
                 self.lock.release()
                 try:
@@ -401,7 +395,6 @@ class HostPool:
         finally:
             local.prefer = prefer
             local.helping_job = False
-            self._helping -= 1
             self._helpers.discard(key)
             self._helper_jobs.pop(key, None)
             del self.clocks[key]
@@ -462,15 +455,20 @@ class HostPool:
         if not on and self.ready:
             with self.lock:
                 if self.ready and not self.closed:
-                    if self._watcher is None and self._use_watcher_thread:
-                        self._start_watcher()
-                    elif self._watch_sleeping:
-                        self.cond.notify_all()
+                    self._ensure_watching()
 
     def notify(self) -> None:
         """Wake whoever waits in :meth:`wait` (e.g. an item completed)."""
         with self.lock:
             self._poked = True
+            self.cond.notify_all()
+
+    def _ensure_watching(self) -> None:
+        # under the lock: jobs wait, so the watcher must run and poll (it sleeps
+        # without a timeout only while nothing waits)
+        if self._watcher is None:
+            self._start_watcher()
+        elif self._watch_sleeping:
             self.cond.notify_all()
 
     def _start_watcher(self) -> None:
@@ -532,7 +530,7 @@ class HostPool:
                 return
             self._timer_seq += 1
             heapq.heappush(self._timers, (time.monotonic() + delay, self._timer_seq, fn, args))
-            if self._watcher is None and (self._use_watcher_thread or self._helping):
+            if self._watcher is None and (self._use_watcher_thread or self._helpers):
                 self._start_watcher()
             self.cond.notify_all()  # the watcher recomputes its deadline
 

@@ -367,26 +367,17 @@ class RunningFlow(RunContext):
     def _enter(self, values: list[Any], owner: Any) -> _Block:
         """Allocate ids for ``values``, wait for room, register the block, send it in."""
         n = len(values)
-        pool = self._pool
+        limit = self.max_in_flight
         with self._space:
-            while self._in_flight + n > self.max_in_flight and self._in_flight > 0:
-                self._check_open()
-                if pool.ready and pool.is_helping():
-                    # the items in flight may be waiting for this very thread (a
-                    # consumer of map/stream queued them): run them rather than sleep
-                    self._space.release()
-                    try:
-                        helped = pool.help_one()
-                    finally:
-                        self._space.acquire()
-                    if helped:
-                        continue
-                    if not (self._in_flight + n > self.max_in_flight and self._in_flight > 0):
-                        break
-                if self._batch:
-                    self._space.wait()
-                else:
-                    self._space.wait(0.5)
+            if self._in_flight + n > limit and self._in_flight > 0:
+                # the items in flight may be waiting for this very thread (a consumer
+                # of map/stream queued them): it runs them rather than sleep
+                self._wait_helping(
+                    self._space,
+                    lambda: self._in_flight + n <= limit or self._in_flight == 0,
+                    timeout=None if self._batch else 0.5,
+                    check=self._check_open,
+                )
             self._check_open()
             start = self._next_id
             self._next_id = start + n
@@ -538,43 +529,49 @@ class RunningFlow(RunContext):
         if not pending:
             return None
         cond = owner.cond
-        pool = self._pool
         with cond:
             if ordered:
                 head = pending[0]
-                while head.start not in owner.done and owner.error is None:
-                    if pool.ready:
-                        cond.release()
-                        try:
-                            helped = pool.help_one()
-                        finally:
-                            cond.acquire()
-                        # re-check before sleeping: a block may have finished meanwhile
-                        if helped or head.start in owner.done or owner.error is not None:
-                            continue
-                    cond.wait()
+                self._wait_helping(
+                    cond, lambda: head.start in owner.done or owner.error is not None
+                )
                 if owner.error is not None:
                     raise owner.error
                 block = owner.done.pop(head.start)
                 pending.popleft()
             else:
-                while not owner.order and owner.error is None:
-                    if pool.ready:
-                        cond.release()
-                        try:
-                            helped = pool.help_one()
-                        finally:
-                            cond.acquire()
-                        # re-check before sleeping: a block may have finished meanwhile
-                        if helped or owner.order or owner.error is not None:
-                            continue
-                    cond.wait()
+                self._wait_helping(cond, lambda: bool(owner.order) or owner.error is not None)
                 if owner.error is not None:
                     raise owner.error
                 block = owner.order.popleft()
                 owner.done.pop(block.start, None)
                 pending.remove(block)
         return block
+
+    def _wait_helping(
+        self,
+        cond: threading.Condition,
+        done: Callable[[], bool],
+        *,
+        timeout: float | None = None,
+        check: Callable[[], None] | None = None,
+    ) -> None:
+        """Under ``cond``: wait until ``done()``; a helping thread runs queued work
+        meanwhile instead of sleeping (see ``HostPool.help_one``)."""
+        pool = self._pool
+        while not done():
+            if check is not None:
+                check()
+            if pool.ready and pool.is_helping():
+                cond.release()
+                try:
+                    helped = pool.help_one()
+                finally:
+                    cond.acquire()
+                # re-check before sleeping: the condition may have changed meanwhile
+                if helped or done():
+                    continue
+            cond.wait(timeout)
 
     # -- completion (called from host threads) ---------------------------------
     def _complete(self, ids: Any, vals: list[Any], special: bool) -> None:
