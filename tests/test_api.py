@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import subprocess
+import sys
 
 import pytest
 
@@ -33,3 +35,17 @@ def test_skip_is_a_singleton_that_survives_pickling() -> None:
 
     assert pickle.loads(pickle.dumps(af.SKIP)) is af.SKIP
     assert repr(af.SKIP) == "af.SKIP"
+
+
+def test_import_leaves_the_monitor_and_psutil_until_first_use() -> None:
+    # psutil and sqlite3 were a third of `import actorflow`; most programs never monitor
+    code = (
+        "import sys, actorflow as af\n"
+        "print('psutil' in sys.modules, 'sqlite3' in sys.modules)\n"
+        "print(af.ResourceMonitor.__name__, 'ResourceMonitor' in dir(af))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    ).stdout.split("\n")
+    assert out[0] == "False False"
+    assert out[1] == "ResourceMonitor True"

@@ -25,6 +25,8 @@ Example::
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from actorflow._markers import SKIP
 from actorflow.errors import (
     ActorflowError,
@@ -37,11 +39,13 @@ from actorflow.errors import (
 )
 from actorflow.flow import Flow, Node, flow, map
 from actorflow.graph import Graph, NodeSpec
-from actorflow.observe.monitor import ResourceMonitor
 from actorflow.pipeline import Pipeline, in_parallel
 from actorflow.runtime.running import NodeMetrics, RunningFlow
 from actorflow.supervision import Supervision
 from actorflow.task import Backoff, Task, task
+
+if TYPE_CHECKING:
+    from actorflow.observe.monitor import ResourceMonitor
 
 __all__ = [
     "SKIP",
@@ -70,3 +74,18 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # af.ResourceMonitor is imported on first use: psutil and sqlite3 are a third of
+    # the time `import actorflow` takes, and most programs never monitor
+    if name == "ResourceMonitor":
+        from actorflow.observe.monitor import ResourceMonitor
+
+        globals()["ResourceMonitor"] = ResourceMonitor
+        return ResourceMonitor
+    raise AttributeError(f"module 'actorflow' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

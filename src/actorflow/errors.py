@@ -23,7 +23,6 @@ import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -37,7 +36,7 @@ __all__ = [
     "WorkerCrashed",
 ]
 
-_PACKAGE_DIR = str(Path(__file__).resolve().parent)
+_PACKAGE_DIR = os.path.dirname(os.path.realpath(__file__))
 _REPR_LIMIT = 1_000
 
 
