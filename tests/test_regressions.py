@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import collections
+import os
+import signal
 import sys
 import threading
 import time
@@ -608,3 +610,104 @@ def test_no_os_thread_outlives_a_run_whose_watcher_started_hosts() -> None:
     assert f.run(1) == [1, 1, 1, 1]
     assert not [t for t in threading.enumerate() if "Dummy" in t.name]
     wait_until(lambda: me.num_threads() <= before)  # the OS threads are gone too
+
+
+def test_an_exceptionally_handler_retried_inside_a_fused_chain_never_leaks_a_marker() -> None:
+    # the generated loop's error branch kept an internal <pending retry> value as the
+    # item's output when the handler after the failing node scheduled a retry
+    seen: collections.Counter[int] = collections.Counter()
+
+    @af.task
+    def inc(x: int) -> int:
+        return x + 1
+
+    @af.task
+    def boom(x: int) -> int:
+        raise ValueError(f"boom {x}")
+
+    @af.task(retries=1, backoff=af.Backoff(initial=0.01, factor=1.0, maximum=0.01, jitter=0.0))
+    def handler(failure: af.Failure) -> str:
+        seen[failure.item_id] += 1
+        if seen[failure.item_id] == 1:
+            raise RuntimeError("flaky once")
+        return "recovered"
+
+    @af.flow
+    def f(x: int) -> Any:
+        return boom(inc(x)).exceptionally(handler)
+
+    with f.start() as running:
+        singles = [running.submit(i).result(timeout=10) for i in range(4)]
+        batch = list(running.map(range(4, 12)))
+    assert singles == ["recovered"] * 4
+    assert batch == ["recovered"] * 8
+
+
+def test_a_watcher_that_cannot_start_fails_the_run_instead_of_hanging_it() -> None:
+    import _thread
+
+    from actorflow.runtime import actors
+
+    real = _thread.start_new_thread
+    calls = 0
+
+    def flaky_start(fn: Any, args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("can't start new thread")
+        return real(fn, args)
+
+    @af.task
+    def nap(x: int) -> int:
+        time.sleep(0.01)
+        return x
+
+    @af.flow
+    def f(x: int) -> Any:
+        return [nap(x) for _ in range(4)]  # a fan-out: the watcher starts
+
+    with mock.patch.object(actors._thread, "start_new_thread", flaky_start):
+        with pytest.raises(RuntimeError, match="can't start new thread"):
+            f.run(1)
+        assert f.run(2) == [2, 2, 2, 2]  # the next run works
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_stop_in_a_forked_child_does_not_wait_for_the_parents_watcher() -> None:
+    @af.task
+    def nap(x: int) -> int:
+        time.sleep(0.01)
+        return x
+
+    @af.flow
+    def f(x: int) -> Any:
+        return [nap(x) for _ in range(4)]
+
+    running = f.start()
+    try:
+        assert running.submit(1).result(timeout=10) == [1, 1, 1, 1]
+        assert any(t.name.startswith("actorflow-supervisor-") for t in threading.enumerate())
+        pid = os.fork()
+        if pid == 0:  # the child: nothing in flight, the watcher thread does not exist here
+            try:
+                running.stop()
+            finally:
+                os._exit(0)
+        statuses: list[int] = []
+
+        def reaped() -> bool:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                statuses.append(status)
+            return bool(done)
+
+        try:
+            wait_until(reaped, timeout=10)  # stop() in the child used to hang
+        finally:
+            if not statuses:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(statuses[0]) == 0
+    finally:
+        running.stop()

@@ -1132,7 +1132,10 @@ class Segment:
                 out.append(_PENDING)
             else:
                 any_special = True
-                out.append(careful(ids[i], outcome, k + 1, timed=False))
+                r = careful(ids[i], outcome, k + 1, timed=False)
+                if r is _PENDING:  # a later node (e.g. an exceptionally handler) retries
+                    held += 1
+                out.append(r)
             start = i + 1
         entering = n - 1 if n > 1 else n  # items the generated loop took in
         skipped_so_far = 0  # a skip marker passes every later node of the chain: skipped there
