@@ -687,7 +687,9 @@ def test_stop_in_a_forked_child_does_not_wait_for_the_parents_watcher() -> None:
     running = f.start()
     try:
         assert running.submit(1).result(timeout=10) == [1, 1, 1, 1]
-        assert any(t.name.startswith("actorflow-supervisor-") for t in threading.enumerate())
+        wait_until(  # the watcher is listed once it lives beyond its first poll
+            lambda: any(t.name.startswith("actorflow-supervisor-") for t in threading.enumerate())
+        )
         pid = os.fork()
         if pid == 0:  # the child: nothing in flight, the watcher thread does not exist here
             try:
