@@ -573,9 +573,10 @@ class Segment:
     def run(self) -> None:
         """Process queued work until none is left, or a consumer throttles us.
 
-        After ``_QUANTUM`` batches the segment yields its host (it queues
-        itself again behind other ready segments), so a busy node cannot
-        starve the others.
+        After ``ctx.quantum()`` batches (``_QUANTUM``; one when a consumer
+        thread runs it) the segment yields its thread (it queues itself again
+        behind other ready segments), so a busy node cannot starve the others
+        and a consumer gets back to its results.
         """
         batches = 0
         requeue = False
@@ -608,7 +609,7 @@ class Segment:
             if self.leasable and not special:  # clean batches through one leased worker
                 in_hand: list[tuple[int, Any, list[Any], bool, int]] = []
                 try:
-                    batches = self._run_leased(ticket, ids, vals, batches, in_hand)
+                    batches = self._run_leased(ticket, ids, vals, batches, quantum, in_hand)
                 except _EmitFailed as failed:
                     # as on the general path: an error while emitting is the run's end
                     raise failed.__cause__ or failed from None
@@ -660,6 +661,7 @@ class Segment:
         ids: Any,
         vals: list[Any],
         batches: int,
+        quantum: int,
         in_hand: list[tuple[int, Any, list[Any], bool, int]],
     ) -> int:
         """Run clean batches of a process chain through one leased worker, pipelined.
@@ -690,7 +692,7 @@ class Segment:
                 head.sample((now - t0) / len(vals))
                 nxt = None
                 wake: list[Segment] | None = None
-                if batches < _QUANTUM:
+                if batches < quantum:
                     with self.lock:
                         if work and not work[0][3] and not self.throttle and not self.cancelled:
                             nxt = work.popleft()
@@ -1050,9 +1052,7 @@ class Segment:
         Items whose failing call will be retried are held back: they are left
         out of the returned batch and re-enter the segment when their timer fires.
         """
-        if self.crash_next:  # fault injection (actorflow.testing): an internal error
-            self.crash_next -= 1
-            raise InjectedCrash(f"injected crash in node {self.crash_target or self.name!r}")
+        self._check_injected()
         if self.is_process:
             return self._process_remote(ids, vals, special, pin)
         careful = self.careful

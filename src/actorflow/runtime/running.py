@@ -29,7 +29,7 @@ from actorflow.errors import ActorflowError, Failure, RunFailed
 from actorflow.graph import EntrySpec
 from actorflow.observe.log import EventLog, enabled
 from actorflow.runtime.actors import Deadlines, HostPool
-from actorflow.runtime.node import _QUANTUM, Failed, Joiner, RunContext, Segment
+from actorflow.runtime.node import Failed, Joiner, RunContext, Segment
 from actorflow.runtime.plan import Plan, compile_plan
 from actorflow.supervision import Supervision
 
@@ -880,7 +880,7 @@ class RunningFlow(RunContext):
 
     def quantum(self) -> int:
         # a consumer of map/stream running a segment must get back to its results soon
-        return self._pool.quantum(_QUANTUM)
+        return self._pool.quantum(RunContext.quantum(self))
 
     def _on_fatal(self, exc: BaseException, *, internal: bool = True) -> None:
         with self._lock:
