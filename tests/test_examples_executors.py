@@ -173,7 +173,10 @@ def test_io_vs_cpu_flow_matches_plain_calls_on_generated_logs(
     usage = result["usage"]
     assert usage["samples"] >= 1
     assert usage["peak_rss_mb"] > 0
-    assert usage["max_children"] >= 1
+    # the sampler thread and this one at least; child processes are not asserted: the
+    # CPU phase (workers alive) is shorter than a sampling interval here, so whether a
+    # sample sees them is timing (tests/test_monitor.py counts children deterministically)
+    assert usage["max_threads"] >= 2
     out = capsys.readouterr().out
     assert "ResourceMonitor summary:" in out
 
