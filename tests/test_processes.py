@@ -461,6 +461,75 @@ def test_a_lease_isolates_an_item_that_kills_its_worker(pool: ProcessPool) -> No
     assert crashed.exitcode == 3
 
 
+def test_a_lease_sends_the_next_batch_ahead_and_returns_batches_in_order(
+    pool: ProcessPool,
+) -> None:
+    pool.register("inc", [inc])
+    with pool.lease("inc") as lease:
+        lease.send([1, 2, 3])
+        lease.send([10, 20])  # written to the worker's pipe while it runs the first
+        assert lease.in_flight == 2
+        with pytest.raises(RuntimeError, match="two batches are in flight"):
+            lease.send([0])
+        assert lease.wait() == ([2, 3, 4], {})
+        lease.send([100])
+        assert lease.wait() == ([11, 21], {})
+        assert lease.wait() == ([101], {})
+        assert lease.in_flight == 0
+
+
+def test_a_batch_sent_ahead_survives_its_worker_dying_on_the_batch_before(
+    pool: ProcessPool,
+) -> None:
+    pool.register("exit3", [exit_on_three])
+    with pool.lease("exit3") as lease:
+        lease.send(list(range(6)))
+        lease.send([7, 8])  # in the pipe of the worker that item 3 kills
+        values, fails = lease.wait()
+        assert lease.wait() == ([7, 8], {})  # sent again to the restarted worker
+    assert [v for i, v in enumerate(values) if i not in fails] == [0, 1, 2, 4, 5]
+    assert isinstance(fails[3], Crashed)
+    assert fails[3].exitcode == 3
+
+
+def test_an_item_killing_the_worker_in_a_batch_sent_ahead_is_isolated(
+    pool: ProcessPool,
+) -> None:
+    pool.register("exit3", [exit_on_three])
+    with pool.lease("exit3") as lease:
+        lease.send([0, 1])
+        lease.send([2, 3, 4])
+        assert lease.wait() == ([0, 1], {})
+        values, fails = lease.wait()
+    assert [v for i, v in enumerate(values) if i not in fails] == [2, 4]
+    assert isinstance(fails[1], Crashed)
+    assert fails[1].exitcode == 3
+
+
+def test_a_batch_sent_ahead_of_one_resent_item_by_item_keeps_its_results(
+    pool: ProcessPool,
+) -> None:
+    pool.register("same", [lambda x: x if not isinstance(x, Unloadable) else "?"])
+    with pool.lease("same") as lease:
+        lease.send([1, Unloadable(), 3])  # the worker asks for it item by item...
+        lease.send([4, 5])  # ...after it ran this one
+        (first, _, last), fails = lease.wait()
+        assert lease.wait() == ([4, 5], {})
+    assert (first, last) == (1, 3)
+    assert list(fails) == [1]
+
+
+def test_a_timed_batch_behind_another_runs_with_its_own_timeout(solo: ProcessPool) -> None:
+    solo.register("sleepy", [sleep_then_return])
+    with solo.lease("sleepy") as lease:
+        lease.send([0.01], timeout=5)
+        lease.send([0.01, 60.0], timeout=0.5)  # sent when the first is back
+        assert lease.wait() == ([0.01], {})
+        values, fails = lease.wait()
+    assert values[0] == 0.01
+    assert isinstance(fails[1], Timeout)
+
+
 def test_releasing_a_lease_with_a_batch_in_flight_stops_that_worker(
     pool: ProcessPool, events: Events
 ) -> None:

@@ -260,6 +260,12 @@ def _is_special(v: Any) -> bool:
     return v is SKIP or type(v) is Failed
 
 
+def _wake_fd() -> Any:
+    from actorflow.runtime.processes import WakeFd
+
+    return WakeFd()
+
+
 def _unthrottle(segments: list[Segment]) -> None:
     for seg in segments:
         seg.unthrottle()
@@ -312,6 +318,7 @@ class Segment:
         "key_fn",
         "lane",
         "leasable",
+        "lease_waits",
         "lock",
         "n_ports",
         "name",
@@ -391,6 +398,8 @@ class Segment:
         self.simple = n_ports == 1 and key_fn is None and workers == 1
         # a process chain of functions: clean batches go through a leased worker
         self.leasable = self.is_process and not head.is_class
+        # leased runners waiting for a batch to send ahead: signalled on delivery
+        self.lease_waits: list[Any] | None = [] if self.leasable else None
         # computes in its thread: a consumer waiting for results may run it (a process
         # runner mostly waits, better on a host while the consumer consumes)
         self.helpable = not self.is_process
@@ -455,6 +464,8 @@ class Segment:
                 if self.queued > self.capacity and sender is not None:
                     self.waiters.append(sender)
                     throttle = True
+                if self.lease_waits:
+                    self.lease_waits.pop().signal()
             if start:
                 self.schedule(self)
             return throttle
@@ -476,6 +487,10 @@ class Segment:
             if self.queued > self.capacity and sender is not None:
                 self.waiters.append(sender)
                 throttle = True
+            waits = self.lease_waits
+            if waits:  # leased runners waiting: a batch each to send ahead
+                for _ in range(min(len(waits), len(self.work))):
+                    waits.pop().signal()
         for _ in range(runners):
             self.schedule(self)
         return throttle
@@ -666,67 +681,101 @@ class Segment:
     ) -> int:
         """Run clean batches of a process chain through one leased worker, pipelined.
 
-        The next queued clean batch is sent before this one's results are
-        counted and emitted, so the worker computes while this thread works.
-        Stops at a special batch, an empty queue, a throttle, cancellation or
-        the quantum; returns the number of batches taken so far. ``in_hand``
-        lists the batches taken and not yet emitted (put back on an internal
-        error). A throttle lets through the one batch already sent.
+        While the worker runs one batch the next clean batch already waits in
+        its pipe (:class:`~actorflow.runtime.processes.Lease` keeps two in
+        flight), so the worker does not wait for this thread between batches.
+        With one batch in flight and none queued, this thread waits for the
+        results *or* for a delivery (which signals it), whichever comes first.
+        Results are counted and emitted in order. Stops taking at a special
+        batch, a throttle, cancellation or the quantum, and returns once the
+        queue is empty and the batches in flight are emitted: the number of
+        batches taken so far. ``in_hand`` lists the batches taken and not yet
+        emitted, oldest first (put back on an internal error).
         """
         pool = self.ctx.process_pool()
         key = self.pool_key or self._register_remote(pool)
         timeout = self.nodes[0].spec.task.timeout
         head = self.stats[0]
         work = self.work
-        entry = (ticket, ids, vals, False, -1)
-        in_hand.append(entry)
+        waits = self.lease_waits
+        assert waits is not None
+        clock = time.perf_counter
+        in_hand.append((ticket, ids, vals, False, -1))
         head.in_flight += len(vals)
-        with pool.lease(key) as lease:
-            self._check_injected()
-            t0 = time.perf_counter()
-            lease.send(vals, timeout=timeout)
-            while True:
-                values, fails = lease.wait()
-                ticket, ids, vals = entry[0], entry[1], entry[2]
-                now = time.perf_counter()
-                head.sample((now - t0) / len(vals))
-                nxt = None
-                wake: list[Segment] | None = None
-                if batches < quantum:
-                    with self.lock:
-                        if work and not work[0][3] and not self.throttle and not self.cancelled:
-                            nxt = work.popleft()
-                            batches += 1
-                            wake = self._taken(len(nxt[2]))
-                if wake is not None:
-                    _unthrottle(wake)
-                if nxt is not None:
-                    in_hand.append(nxt)
-                    head.in_flight += len(nxt[2])
-                    self._check_injected()
-                    t0 = now
-                    lease.send(nxt[2], timeout=timeout)
-                skipped = self._remote_results(ids, vals, values, fails, None, -1)
-                out_ids, out, out_special = ids, values, skipped > 0
-                if fails:
-                    held = sum(1 for o in values if o is _PENDING)
-                    out_ids, out = self._without_held(ids, values, held)
-                    out_special = True
-                in_hand.remove(entry)
-                head.in_flight -= len(vals)
-                try:
-                    if self.workers == 1:
-                        throttled = self.emit(out_ids, out, out_special) if out else 0
-                        if throttled:
+        sent_at = [clock()]
+        done_at = sent_at[0]
+        wake: Any = None  # a WakeFd, made when first needed
+        try:
+            with pool.lease(key) as lease:
+                self._check_injected()
+                lease.send(vals, timeout=timeout)
+                while True:
+                    if lease.in_flight < 2 and batches < quantum:
+                        nxt = None
+                        woken: list[Segment] | None = None
+                        listening = False
+                        with self.lock:
+                            if work and not work[0][3] and not self.throttle and not self.cancelled:
+                                nxt = work.popleft()
+                                batches += 1
+                                woken = self._taken(len(nxt[2]))
+                            elif lease.in_flight and timeout is None and not work:
+                                if wake is None:
+                                    wake = _wake_fd()
+                                waits.append(wake)  # a delivery signals us
+                                listening = True
+                        if woken is not None:
+                            _unthrottle(woken)
+                        if nxt is not None:
+                            in_hand.append(nxt)
+                            head.in_flight += len(nxt[2])
+                            self._check_injected()
+                            sent_at.append(clock())
+                            lease.send(nxt[2], timeout=timeout)
+                            continue
+                        if listening:
+                            signalled = not lease.ready(wake)
                             with self.lock:
-                                self.throttle += throttled
-                    else:
-                        self._emit_in_order(ticket, (out_ids, out, out_special))
-                except Exception as exc:
-                    raise _EmitFailed from exc
-                if nxt is None:
-                    return batches
-                entry = nxt
+                                if wake in waits:
+                                    waits.remove(wake)
+                                else:
+                                    signalled = True  # a delivery popped us: clear it
+                            if signalled:
+                                wake.drain()
+                                continue  # take the batch delivered meanwhile
+                    if not lease.in_flight:
+                        return batches
+                    values, fails = lease.wait()
+                    ticket, ids, vals = in_hand[0][:3]
+                    now = clock()
+                    # its own run time: from when the worker could start it (sent, and
+                    # the batch before it back) to its results
+                    head.sample((now - max(sent_at.pop(0), done_at)) / len(vals))
+                    done_at = now
+                    skipped = self._remote_results(ids, vals, values, fails, None, -1)
+                    out_ids, out, out_special = ids, values, skipped > 0
+                    if fails:
+                        held = sum(1 for o in values if o is _PENDING)
+                        out_ids, out = self._without_held(ids, values, held)
+                        out_special = True
+                    del in_hand[0]
+                    head.in_flight -= len(vals)
+                    try:
+                        if self.workers == 1:
+                            throttled = self.emit(out_ids, out, out_special) if out else 0
+                            if throttled:
+                                with self.lock:
+                                    self.throttle += throttled
+                        else:
+                            self._emit_in_order(ticket, (out_ids, out, out_special))
+                    except Exception as exc:
+                        raise _EmitFailed from exc
+        finally:
+            if wake is not None:
+                with self.lock:
+                    if wake in waits:
+                        waits.remove(wake)
+                wake.close()
 
     def _check_injected(self) -> None:
         if self.crash_next:  # fault injection (actorflow.testing): an internal error

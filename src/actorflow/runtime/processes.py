@@ -1100,6 +1100,9 @@ class _Slot:
         self.tasks_done = 0
         self.starts = 0
         self.psutil_process: Any = None
+        self.pipe_bytes = _DEFAULT_PIPE_BYTES  # what a request to this worker may weigh
+        # a lease's batch sent ahead: its results are routed here by batch id
+        self.routes: dict[int, tuple[_Exchange, int]] = {}
 
 
 def _describe_exit(exitcode: int | None) -> str:
@@ -1173,20 +1176,26 @@ def _kill_leftovers(slots: list[_Slot], lock: threading.Lock) -> None:
 
 
 _PIPE_BYTES = 1 << 20  # a batch of log lines is ~70 KB: more than a default 64 KB pipe
+_DEFAULT_PIPE_BYTES = 4096  # POSIX guarantees PIPE_BUF >= 512; Linux and macOS give more
 
 
-def _widen_pipe(conn: Any) -> None:
+def _widen_pipe(conn: Any) -> int:
     """Give a worker pipe 1 MiB of buffer (Linux), so a batch is written without
     waiting for the other side to read: the parent sends the next batch while the
-    worker computes, and the worker flushes results while the parent is busy."""
+    worker computes, and the worker flushes results while the parent is busy.
+    Returns the pipe's capacity in bytes (a safe lower bound elsewhere)."""
     if not sys.platform.startswith("linux"):
-        return
+        return _DEFAULT_PIPE_BYTES
     import fcntl
 
     try:
-        fcntl.fcntl(conn.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), _PIPE_BYTES)
+        return int(fcntl.fcntl(conn.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), _PIPE_BYTES))
     except OSError:
         pass  # above /proc/sys/fs/pipe-max-size for this user: the default stays
+    try:
+        return int(fcntl.fcntl(conn.fileno(), getattr(fcntl, "F_GETPIPE_SZ", 1032)))
+    except OSError:
+        return _DEFAULT_PIPE_BYTES
 
 
 class ProcessPool:
@@ -1575,8 +1584,9 @@ class ProcessPool:
         fails: dict[int, Outcome],
         timeout: float | None,
         fused: bool = True,
+        encoded: tuple[Sequence[int], bytes | list[bytes]] | None = None,
     ) -> tuple[Sequence[int], int, _Exchange] | None:
-        data = batch.encode(group, fails)
+        data = encoded or batch.encode(group, fails)
         if data is None:
             return None
         group, items = data
@@ -1585,6 +1595,36 @@ class ProcessPool:
         timed = timeout is not None
         message = self._request(slot, target, batch_id, timed, fused and batch.bulk, group, items)
         return group, batch_id, self._send(slot, message, len(group), batch_id)
+
+    def _send_ahead(
+        self, slot: _Slot, target: _Target, batch: _Batch, fails: dict[int, Outcome]
+    ) -> tuple[tuple[Sequence[int], int, _Exchange] | None, Any]:
+        """Send a lease's next batch while the worker still runs the previous one.
+
+        Returns ``(sent, None)``, or ``(None, encoded)`` when it must wait until
+        the previous batch is back: the worker is gone, or the request could
+        fill the pipe (the parent would block writing while the worker blocks
+        writing results nobody reads). Never starts or reaps a worker: that is
+        for whoever collects the batch in flight.
+        """
+        encoded = batch.encode(range(len(batch.items)), fails)
+        if encoded is None or slot.to_worker is None or slot.process is None:
+            return None, encoded
+        group, items = encoded
+        size = len(items) if isinstance(items, bytes) else sum(len(b) for b in items)
+        if slot.loaded.get(target.code_key) != target.code.version:
+            size += len(target.code.payload)
+        if size + 1024 > slot.pipe_bytes:
+            return None, encoded
+        batch_id = next(self._batch_ids)
+        message = self._request(slot, target, batch_id, False, batch.bulk, group, items)
+        ex = _Exchange([_NOT_BACK] * len(group), {})
+        try:
+            slot.to_worker.send_bytes(message)
+        except OSError:
+            return None, encoded  # the worker died: whoever collects its batch sees why
+        slot.routes[batch_id] = (ex, target.code.stages - 1)
+        return (group, batch_id, ex), None
 
     def lease(self, key: str) -> Lease:
         """Hold one worker for a series of batches of the chain ``key`` (blocks for it).
@@ -1741,39 +1781,56 @@ class ProcessPool:
             self._replay_logs(logs)
         if chunk_batch == _HELLO_BATCH:
             slot.ready = True
-        elif chunk_batch == batch_id and ex is not None:
-            back, fails = ex.back, ex.fails
-            if fmt == _BULK:
-                count, blob = payload
-                failed = set()
-                for offset, encoded in errors or ():
-                    back[start + offset] = _FAILED
-                    fails[start + offset] = self._decode(encoded, last_stage)
-                    failed.add(offset)
-                try:
-                    results = pickle.loads(blob)
-                except Exception:  # e.g. a class the parent cannot import: item by item
-                    redo = [start + i for i in range(count) if i not in failed]
-                    for position in redo:
-                        back[position] = _REDO
-                    ex.redo.extend(redo)
-                else:
-                    for offset in failed:
-                        results[offset] = _FAILED
-                    back[start : start + count] = results
-                ex.count += count
-            elif fmt == _LOOSE:
-                for offset, encoded in enumerate(payload):
-                    outcome = self._decode(encoded, last_stage)
-                    if type(outcome) is Ok:
-                        back[start + offset] = outcome.value
-                    else:
-                        back[start + offset] = _FAILED
-                        fails[start + offset] = outcome
-                ex.count += len(payload)
-            else:
-                ex.fate = "resend"
+            return True
+        if chunk_batch != batch_id or ex is None:
+            route = slot.routes.get(chunk_batch)
+            if route is None:
+                return True  # a batch nobody waits for any more (given up on)
+            ex, last_stage = route
+        self._deliver(ex, start, fmt, payload, errors, last_stage)
         return True
+
+    def _deliver(
+        self,
+        ex: _Exchange,
+        start: int,
+        fmt: int,
+        payload: Any,
+        errors: list[tuple[int, bytes]] | None,
+        last_stage: int,
+    ) -> None:
+        """Put one chunk of a worker's results into its exchange."""
+        back, fails = ex.back, ex.fails
+        if fmt == _BULK:
+            count, blob = payload
+            failed = set()
+            for offset, encoded in errors or ():
+                back[start + offset] = _FAILED
+                fails[start + offset] = self._decode(encoded, last_stage)
+                failed.add(offset)
+            try:
+                results = pickle.loads(blob)
+            except Exception:  # e.g. a class the parent cannot import: item by item
+                redo = [start + i for i in range(count) if i not in failed]
+                for position in redo:
+                    back[position] = _REDO
+                ex.redo.extend(redo)
+            else:
+                for offset in failed:
+                    results[offset] = _FAILED
+                back[start : start + count] = results
+            ex.count += count
+        elif fmt == _LOOSE:
+            for offset, encoded in enumerate(payload):
+                outcome = self._decode(encoded, last_stage)
+                if type(outcome) is Ok:
+                    back[start + offset] = outcome.value
+                else:
+                    back[start + offset] = _FAILED
+                    fails[start + offset] = outcome
+            ex.count += len(payload)
+        else:
+            ex.fate = "resend"
 
     @staticmethod
     def _replay_logs(records: list[dict[str, Any]]) -> None:
@@ -1886,7 +1943,7 @@ class ProcessPool:
             self._lost(slot, None, in_flight=0)  # died while idle: reap, report, replace
         inbox, to_worker = self._ctx.Pipe(duplex=False)
         from_worker, outbox = self._ctx.Pipe(duplex=False)
-        _widen_pipe(to_worker)
+        slot.pipe_bytes = _widen_pipe(to_worker)
         _widen_pipe(outbox)
         process = self._ctx.Process(
             target=_worker_main,
@@ -2044,6 +2101,7 @@ class ProcessPool:
         slot.pid = None
         slot.ready = False
         slot.loaded.clear()
+        slot.routes.clear()
         lost, slot.instances = slot.instances, set()
         if lost_reason is None or self._killed:
             return
@@ -2142,22 +2200,23 @@ class ProcessPool:
 class Lease:
     """One worker of a :class:`ProcessPool`, held for a series of batches of one chain.
 
-    ``send(items)`` encodes a batch and sends it at once; ``wait()`` returns its
-    ``(values, failures)`` exactly like :meth:`ProcessPool.run_batch` (deaths,
-    isolation and timeouts included). One batch at a time is in flight; the
-    point is the order: ``wait()``, then ``send()`` the next batch, then handle
-    the results while the worker computes. ``release()`` (or leaving the
-    ``with`` block) gives the worker back; a batch sent and never waited for
-    leaves the worker in an unknown state, so it is then stopped.
+    ``send(items)`` encodes a batch and sends it at once; ``wait()`` returns the
+    oldest batch's ``(values, failures)`` exactly like :meth:`ProcessPool.run_batch`
+    (deaths, isolation and timeouts included). Two batches may be in flight: the
+    second is written to the worker's pipe while it runs the first, so the worker
+    never waits for the parent between them (W2: workers idle 20-30% of the time
+    with one batch at a time). A second batch with a ``timeout``, or one too big
+    for the pipe, is sent when the first is back instead. ``release()`` (or
+    leaving the ``with`` block) gives the worker back; a batch sent and never
+    waited for leaves the worker in an unknown state, so it is then stopped.
 
     Example::
 
         with pool.lease("parse_keep") as lease:
             lease.send(chunks[0])
             for nxt in chunks[1:]:
-                values, fails = lease.wait()
-                lease.send(nxt)
-                handle(values, fails)
+                lease.send(nxt)            # queued behind the batch in flight
+                handle(*lease.wait())      # the oldest batch's results
             handle(*lease.wait())
     """
 
@@ -2165,7 +2224,9 @@ class Lease:
         self._pool = pool
         self._slot: _Slot | None = slot
         self._target = target
-        self._pending: tuple[_Batch, dict[int, Outcome], float | None, Any] | None = None
+        # (batch, fails, timeout, sent, encoded, worker start count when sent)
+        self._pending: deque[tuple[_Batch, dict[int, Outcome], float | None, Any, Any, int]]
+        self._pending = deque()
 
     def __enter__(self) -> Lease:
         return self
@@ -2173,38 +2234,74 @@ class Lease:
     def __exit__(self, *exc_info: object) -> None:
         self.release()
 
+    @property
+    def in_flight(self) -> int:
+        """Batches sent and not yet waited for (0, 1 or 2)."""
+        return len(self._pending)
+
     def send(self, items: Sequence[Any], *, timeout: float | None = None) -> None:
-        """Encode and send a batch (the previous one must have been waited for)."""
+        """Encode and send a batch (at most two may be in flight)."""
         slot = self._slot
         if slot is None:
             raise RuntimeError("this lease was released")
-        if self._pending is not None:
-            raise RuntimeError("wait() for the batch in flight before sending another")
+        if len(self._pending) >= 2:
+            raise RuntimeError("two batches are in flight: wait() for one before sending more")
         if timeout is not None and not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds or None, not {timeout!r}")
         batch = _Batch(items)
         fails: dict[int, Outcome] = {}
-        sent = None
+        sent = encoded = None
         if batch.items:
+            pool = self._pool
             try:
-                sent = self._pool._send_group(
-                    slot, self._target, batch, range(len(batch.items)), fails, timeout
-                )
+                if not self._pending:
+                    group = range(len(batch.items))
+                    sent = pool._send_group(slot, self._target, batch, group, fails, timeout)
+                elif timeout is None and self._pending[0][3] is not None:
+                    # behind a batch the worker has (in order); not a timed batch:
+                    # its clock must start when it runs
+                    sent, encoded = pool._send_ahead(slot, self._target, batch, fails)
             except BaseException:
                 self._break()
                 raise
-        self._pending = (batch, fails, timeout, sent)
+        self._pending.append((batch, fails, timeout, sent, encoded, slot.starts))
+
+    def ready(self, wake: WakeFd) -> bool:
+        """Block until the oldest batch's results can be read (or its worker died):
+        True; or until ``wake`` is signalled first: False. Not for a timed batch
+        (:meth:`wait` enforces its timeout; this would not)."""
+        slot, pending = self._slot, self._pending
+        if slot is None or not pending:
+            raise RuntimeError("no batch in flight on this lease")
+        sent, starts = pending[0][3], pending[0][5]
+        conn, process = slot.from_worker, slot.process
+        if sent is None or conn is None or process is None or slot.starts != starts:
+            return True  # wait() has to send it or tell what happened
+        fd = wake.fileno()
+        return fd not in wait([conn, process.sentinel, fd])
 
     def wait(self) -> tuple[list[Any], dict[int, Outcome]]:
-        """The results of the batch in flight: ``(values, failures)``."""
+        """The results of the oldest batch in flight: ``(values, failures)``."""
         slot, pending = self._slot, self._pending
-        if slot is None or pending is None:
+        if slot is None or not pending:
             raise RuntimeError("no batch in flight on this lease")
-        batch, fails, timeout, sent = pending
-        self._pending = None
+        batch, fails, timeout, sent, encoded, starts = pending.popleft()
         if batch.items:
+            pool = self._pool
             try:
-                self._pool._drive(slot, self._target, batch, fails, timeout, in_flight=sent)
+                if sent is not None:
+                    _, batch_id, ex = sent
+                    slot.routes.pop(batch_id, None)
+                    if ex.fate == "done" and (slot.process is None or slot.starts != starts):
+                        # sent ahead to a worker that died before reaching it: send again
+                        ex.fate = "undelivered"
+                        ex.description = "died while it ran the batch before this one"
+                elif encoded is not None:  # sent ahead when the worker is free
+                    group = range(len(batch.items))
+                    sent = pool._send_group(
+                        slot, self._target, batch, group, fails, timeout, encoded=encoded
+                    )
+                pool._drive(slot, self._target, batch, fails, timeout, in_flight=sent)
             except BaseException:
                 self._break()
                 raise
@@ -2212,7 +2309,7 @@ class Lease:
 
     def _break(self) -> None:
         slot = self._slot
-        self._pending = None
+        self._pending.clear()
         if slot is not None and slot.process is not None:  # state unknown: mid-batch
             self._pool._stop(slot, kill=True, reason="call interrupted")
 
@@ -2221,10 +2318,51 @@ class Lease:
         slot = self._slot
         if slot is None:
             return
-        if self._pending is not None:
+        if self._pending:
             self._break()
         self._slot = None
         self._pool._release(slot)
+
+
+class WakeFd:
+    """A descriptor that wakes a thread blocked in :meth:`Lease.ready` (an eventfd on
+    Linux, else a pipe). Close it when done.
+
+    Example::
+
+        wake = WakeFd()
+        # another thread: wake.signal()
+        lease.ready(wake)   # False: woken before the batch's results came
+        wake.drain()
+        wake.close()
+    """
+
+    __slots__ = ("_r", "_w")
+
+    def __init__(self) -> None:
+        if hasattr(os, "eventfd"):
+            self._r = self._w = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        else:  # pragma: no cover - not Linux
+            self._r, self._w = os.pipe()
+            os.set_blocking(self._r, False)
+            os.set_blocking(self._w, False)
+
+    def fileno(self) -> int:
+        return self._r
+
+    def signal(self) -> None:
+        """Make the descriptor readable (until :meth:`drain`)."""
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._w, b"\1\0\0\0\0\0\0\0")
+
+    def drain(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.read(self._r, 4096)
+
+    def close(self) -> None:
+        os.close(self._r)
+        if self._w != self._r:
+            os.close(self._w)
 
 
 def _outcomes(values: list[Any], fails: dict[int, Outcome]) -> list[Outcome]:
