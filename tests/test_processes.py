@@ -6,6 +6,7 @@ worker imports this module) unless a test is about lambdas and closures.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import pickle
@@ -29,6 +30,7 @@ from actorflow.runtime.processes import (
     PoolClosed,
     ProcessPool,
     Timeout,
+    WakeFd,
 )
 from tests.conftest import wait_until
 
@@ -517,6 +519,64 @@ def test_a_batch_sent_ahead_of_one_resent_item_by_item_keeps_its_results(
         assert lease.wait() == ([4, 5], {})
     assert (first, last) == (1, 3)
     assert list(fails) == [1]
+
+
+def exit_on_three_logged(x: Any, log: str) -> Any:
+    if x == 3:
+        with open(log, "a") as fh:
+            fh.write("ran\n")
+    return exit_on_three(x)
+
+
+def same_or_big(x: Any) -> Any:
+    if isinstance(x, Unloadable):
+        return "?"
+    return "r" * 3_000_000 if x == "big" else len(x)
+
+
+def test_ready_returns_when_the_batch_ahead_was_read_while_the_one_before_was_resent(
+    solo: ProcessPool,
+) -> None:
+    solo.register("same", [lambda x: x if not isinstance(x, Unloadable) else "?"])
+    wake = WakeFd()
+    try:
+        with solo.lease("same") as lease:
+            lease.send([1, Unloadable(), 3])  # resent item by item: runs after the next
+            lease.send([4, 5])
+            lease.wait()  # reads (routes) the second batch's results on the way
+            assert lease.ready(wake)  # nothing more will come: must not block
+            assert lease.wait() == ([4, 5], {})
+    finally:
+        wake.close()
+
+
+def test_an_item_killing_the_worker_in_a_batch_run_before_a_resend_runs_twice(
+    solo: ProcessPool, tmp_path: Path
+) -> None:
+    log = tmp_path / "ran3.log"
+    solo.register("killer", [functools.partial(exit_on_three_logged, log=str(log))])
+    with solo.lease("killer") as lease:
+        lease.send([Unloadable(), 1])  # resent: the worker runs the next batch first
+        lease.send([2, 3, 4])
+        lease.wait()
+        values, fails = lease.wait()
+    assert [v for i, v in enumerate(values) if i not in fails] == [2, 4]
+    assert isinstance(fails[1], Crashed)
+    assert log.read_text().count("ran") == 2  # in its batch, then alone: not a third time
+
+
+def test_a_large_resend_behind_a_batch_with_large_results_does_not_deadlock(
+    solo: ProcessPool,
+) -> None:
+    solo.register("big", [same_or_big])
+    with solo.lease("big") as lease:
+        lease.send([Unloadable(), "a" * 3_000_000])  # resent loose: > the 1 MiB pipe
+        lease.send(["big"])  # its 3 MB result fills the pipe back while we write
+        first, fails = lease.wait()
+        (second,), _ = lease.wait()
+    assert first[1] == 3_000_000
+    assert list(fails) == [0]
+    assert len(second) == 3_000_000
 
 
 def test_a_timed_batch_behind_another_runs_with_its_own_timeout(solo: ProcessPool) -> None:

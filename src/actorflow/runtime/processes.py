@@ -1695,11 +1695,26 @@ class ProcessPool:
         """Send one request; the exchange is lost (fate set) if the worker is gone."""
         assert slot.to_worker is not None
         ex = _Exchange([_NOT_BACK] * n, {})
+        if slot.routes and len(message) + 1024 > slot.pipe_bytes:
+            # a batch sent ahead may be running: it could block writing its results
+            # while we block writing this. Read its results first.
+            self._settle_routes(slot)
         try:
             slot.to_worker.send_bytes(message)
         except OSError:
             return self._lost(slot, ex, in_flight=n, batch_id=batch_id)
         return ex
+
+    def _settle_routes(self, slot: _Slot) -> None:
+        """Read the results of the batches sent ahead to this worker until each is
+        complete (routed to its exchange), or the worker dies (its collector sees)."""
+        conn, process = slot.from_worker, slot.process
+        if conn is None or process is None:
+            return
+        while any(ex.fate == "done" and ex.count < len(ex.back) for ex, _ in slot.routes.values()):
+            ready = wait([conn, process.sentinel])
+            if conn not in ready or not self._receive(slot, conn, _HELLO_BATCH - 1, None, 0):
+                return
 
     def _collect(
         self,
@@ -2008,6 +2023,7 @@ class ProcessPool:
         pid = slot.pid
         started = slot.ready  # a worker that never said hello died of no item
         reached = batch_id is not None and int(slot.progress[0]) == batch_id
+        ahead = slot.routes.get(int(slot.progress[0])) if slot.ready else None
         exitcode = self._reap(slot, wait_s=self._stop_grace)
         description = _describe_exit(exitcode)
         if not started:
@@ -2025,6 +2041,11 @@ class ProcessPool:
                 in_flight=in_flight,
             )
         self._forget(slot, pid, f"worker process {description}")
+        if ahead is not None and ahead[0] is not ex and ahead[0].fate == "done":
+            # it died in a batch sent ahead: that batch isolates its items itself
+            blamed = ahead[0]
+            blamed.fate, blamed.description = "died", description
+            blamed.exitcode, blamed.pid = exitcode, pid
         if ex is None:
             ex = _Exchange([], {})
         ex.fate = "died" if started and reached else "undelivered"
@@ -2277,6 +2298,9 @@ class Lease:
         conn, process = slot.from_worker, slot.process
         if sent is None or conn is None or process is None or slot.starts != starts:
             return True  # wait() has to send it or tell what happened
+        ex = sent[2]
+        if ex.fate != "done" or ex.count >= len(ex.back):
+            return True  # its results were read (routed) while an earlier batch was collected
         fd = wake.fileno()
         return fd not in wait([conn, process.sentinel, fd])
 
@@ -2292,7 +2316,11 @@ class Lease:
                 if sent is not None:
                     _, batch_id, ex = sent
                     slot.routes.pop(batch_id, None)
-                    if ex.fate == "done" and (slot.process is None or slot.starts != starts):
+                    if (
+                        ex.fate == "done"
+                        and ex.count < len(ex.back)
+                        and (slot.process is None or slot.starts != starts)
+                    ):
                         # sent ahead to a worker that died before reaching it: send again
                         ex.fate = "undelivered"
                         ex.description = "died while it ran the batch before this one"
