@@ -1177,6 +1177,7 @@ def _kill_leftovers(slots: list[_Slot], lock: threading.Lock) -> None:
 
 _PIPE_BYTES = 1 << 20  # a batch of log lines is ~70 KB: more than a default 64 KB pipe
 _DEFAULT_PIPE_BYTES = 4096  # POSIX guarantees PIPE_BUF >= 512; Linux and macOS give more
+_FRAMING_BYTES = 1024  # a request's envelope around its items and code, generously
 
 
 def _widen_pipe(conn: Any) -> int:
@@ -1614,7 +1615,7 @@ class ProcessPool:
         size = len(items) if isinstance(items, bytes) else sum(len(b) for b in items)
         if slot.loaded.get(target.code_key) != target.code.version:
             size += len(target.code.payload)
-        if size + 1024 > slot.pipe_bytes:
+        if size + _FRAMING_BYTES > slot.pipe_bytes:
             return None, encoded
         batch_id = next(self._batch_ids)
         message = self._request(slot, target, batch_id, False, batch.bulk, group, items)
@@ -1695,7 +1696,7 @@ class ProcessPool:
         """Send one request; the exchange is lost (fate set) if the worker is gone."""
         assert slot.to_worker is not None
         ex = _Exchange([_NOT_BACK] * n, {})
-        if slot.routes and len(message) + 1024 > slot.pipe_bytes:
+        if slot.routes and len(message) + _FRAMING_BYTES > slot.pipe_bytes:
             # a batch sent ahead may be running: it could block writing its results
             # while we block writing this. Read its results first.
             self._settle_routes(slot)
@@ -1713,6 +1714,7 @@ class ProcessPool:
             return
         while any(ex.fate == "done" and ex.count < len(ex.back) for ex, _ in slot.routes.values()):
             ready = wait([conn, process.sentinel])
+            # no batch id of our own: every chunk goes to its route (or is dropped)
             if conn not in ready or not self._receive(slot, conn, _HELLO_BATCH - 1, None, 0):
                 return
 
