@@ -801,11 +801,10 @@ class RunningFlow(RunContext):
             self._log.warning(event, **fields)
 
     def _stop_loop(self) -> None:
-        import asyncio
-
         loop, thread = self._loop, self._loop_thread
         if loop is None or thread is None:
-            return
+            return  # no async task ran: asyncio was never imported (~30 ms of a cold run)
+        import asyncio
 
         def cancel_all() -> None:
             for task in asyncio.all_tasks(loop):
