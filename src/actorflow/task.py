@@ -71,6 +71,32 @@ class Backoff:
 
 
 _DEFAULT_BACKOFF = Backoff()
+_FUNCTION = type(lambda: None)
+_CO_GENERATOR = inspect.CO_GENERATOR
+_CO_COROUTINE = inspect.CO_COROUTINE
+_CO_ASYNC_GENERATOR = inspect.CO_ASYNC_GENERATOR
+
+
+def _code_kinds(fn: Any) -> tuple[bool, bool, bool]:
+    """``(coroutine function, generator function, async generator function)``.
+
+    A plain function answers from its code flags (what :mod:`inspect` reads too,
+    after unwrapping partials and methods): a graph of N tasks is built N times
+    faster than with three ``inspect`` calls each.
+    """
+    if type(fn) is _FUNCTION:
+        flags = fn.__code__.co_flags
+        return (
+            bool(flags & _CO_COROUTINE),
+            bool(flags & _CO_GENERATOR),
+            bool(flags & _CO_ASYNC_GENERATOR),
+        )
+    return (
+        inspect.iscoroutinefunction(fn),
+        inspect.isgeneratorfunction(fn),
+        inspect.isasyncgenfunction(fn),
+    )
+
 
 # Options described in DESIGN.md whose implementation lands in a later issue.
 # They are refused loudly instead of being silently ignored.
@@ -128,7 +154,7 @@ class Task(Generic[P, R]):
         if not callable(fn):
             raise TypeError(f"af.task needs a function or a class, got {fn!r}")
         self.fn: Callable[..., Any] = fn
-        self.is_class = inspect.isclass(fn)
+        self.is_class = isinstance(fn, type)
         self.name: str = name or getattr(fn, "__name__", None) or type(fn).__name__
         self.executor = executor
         self.workers = workers
@@ -332,7 +358,7 @@ def task(
     """
 
     def wrap(f: Callable[P, R]) -> Task[P, R]:
-        label = name or getattr(f, "__name__", repr(f))
+        label = name or getattr(f, "__name__", None) or repr(f)
         target_fn = f.fn if isinstance(f, Task) else f
         if key is not None and not (inspect.isclass(target_fn) and callable(key)):
             raise GraphError(
@@ -341,9 +367,9 @@ def task(
                 "(a function task keeps no state)"
             )
         target = f.fn if isinstance(f, Task) else f
-        is_coroutine = inspect.iscoroutinefunction(target) or (
-            inspect.isclass(target) and inspect.iscoroutinefunction(target.__call__)
-        )
+        is_coroutine, is_generator, is_async_generator = _code_kinds(target)
+        if not is_coroutine and isinstance(target, type):
+            is_coroutine = inspect.iscoroutinefunction(target.__call__)
         kind = executor
         if is_coroutine:
             if executor not in ("thread", "async"):  # a coroutine cannot cross processes
@@ -361,7 +387,7 @@ def task(
                 f"task {label!r}: unknown executor={executor!r}; use 'thread' (default), "
                 "'process' (CPU-bound work in worker processes) or 'async' (coroutines)"
             )
-        if inspect.isasyncgenfunction(target):
+        if is_async_generator:
             raise GraphError(
                 f"task {label!r} is an async generator: generator (flat-map) tasks arrive "
                 "with the streaming operators; return a list for now"
@@ -370,7 +396,7 @@ def task(
             raise GraphError(
                 f"task {label!r}: concurrency must be an int >= 1, got {concurrency!r}"
             )
-        if inspect.isgeneratorfunction(target):
+        if is_generator:
             raise GraphError(
                 f"task {label!r} is a generator function: generator (flat-map) tasks arrive "
                 "with the streaming operators; return a list for now"
