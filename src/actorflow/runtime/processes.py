@@ -132,9 +132,11 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import math
 import multiprocessing
 import os
 import pickle
+import select
 import signal
 import sys
 import threading
@@ -1103,6 +1105,25 @@ class _Slot:
         self.pipe_bytes = _DEFAULT_PIPE_BYTES  # what a request to this worker may weigh
         # a lease's batch sent ahead: its results are routed here by batch id
         self.routes: dict[int, tuple[_Exchange, int]] = {}
+        # the worker's result pipe and exit sentinel, registered once per process:
+        # waiting is one poll() call, not multiprocessing's wait() (a selector built,
+        # filled and closed per call: ~20 Python calls, twice per batch)
+        self.poller: Any = None
+        self.conn_fd = -1
+        self.sentinel_fd = -1
+
+    def wait_fds(self, timeout: float | None = None, extra: int = -1) -> list[int]:
+        """The descriptors among the result pipe, the sentinel and ``extra`` that are
+        readable (or closed), waiting up to ``timeout`` seconds (None: for ever)."""
+        poller = self.poller
+        if extra >= 0:
+            poller.register(extra, select.POLLIN)
+        try:
+            ms = None if timeout is None else math.ceil(max(0.0, timeout) * 1000)
+            return [fd for fd, _ in poller.poll(ms)]
+        finally:
+            if extra >= 0:
+                poller.unregister(extra)
 
 
 def _describe_exit(exitcode: int | None) -> str:
@@ -1713,9 +1734,11 @@ class ProcessPool:
         if conn is None or process is None:
             return
         while any(ex.fate == "done" and ex.count < len(ex.back) for ex, _ in slot.routes.values()):
-            ready = wait([conn, process.sentinel])
+            ready = slot.wait_fds()
             # no batch id of our own: every chunk goes to its route (or is dropped)
-            if conn not in ready or not self._receive(slot, conn, _HELLO_BATCH - 1, None, 0):
+            if slot.conn_fd not in ready or not self._receive(
+                slot, conn, _HELLO_BATCH - 1, None, 0
+            ):
                 return
 
     def _collect(
@@ -1730,7 +1753,7 @@ class ProcessPool:
         """Wait for a sent request's results (deaths and timeouts noticed at once)."""
         assert slot.process is not None
         assert slot.from_worker is not None
-        conn, sentinel = slot.from_worker, slot.process.sentinel
+        conn, conn_fd, sentinel_fd = slot.from_worker, slot.conn_fd, slot.sentinel_fd
         last_stage = target.code.stages - 1
         while ex.count < n:
             record = None
@@ -1742,14 +1765,14 @@ class ProcessPool:
                 wait_s = timeout
                 if record is not None:
                     wait_s = min(timeout, max(0.0, _deadline(record, timeout) - _now()))
-            ready = wait([conn, sentinel], wait_s)
-            if conn in ready:
+            ready = slot.wait_fds(wait_s)
+            if conn_fd in ready:
                 if not self._receive(slot, conn, batch_id, ex, last_stage):
                     return self._lost(slot, ex, in_flight=n - ex.count, batch_id=batch_id)
                 if ex.fate == "resend":
                     return ex
                 continue
-            if sentinel in ready:
+            if sentinel_fd in ready:
                 while self._poll(conn) and self._receive(slot, conn, batch_id, ex, last_stage):
                     pass
                 if ex.count == n:
@@ -1988,6 +2011,11 @@ class ProcessPool:
             inbox.close()  # the worker holds its own ends: EOF reaches us when it dies
             outbox.close()
         slot.to_worker, slot.from_worker = to_worker, from_worker
+        poller = select.poll()
+        slot.conn_fd, slot.sentinel_fd = from_worker.fileno(), process.sentinel
+        poller.register(slot.conn_fd, select.POLLIN)
+        poller.register(slot.sentinel_fd, select.POLLIN)
+        slot.poller = poller
         slot.ready = False
         slot.tasks_done = 0
         slot.starts += 1
@@ -2121,6 +2149,7 @@ class ProcessPool:
             if conn is not None:
                 conn.close()
         slot.to_worker = slot.from_worker = None
+        slot.poller, slot.conn_fd, slot.sentinel_fd = None, -1, -1
         slot.pid = None
         slot.ready = False
         slot.loaded.clear()
@@ -2304,7 +2333,7 @@ class Lease:
         if ex.fate != "done" or ex.count >= len(ex.back):
             return True  # its results were read (routed) while an earlier batch was collected
         fd = wake.fileno()
-        return fd not in wait([conn, process.sentinel, fd])
+        return fd not in slot.wait_fds(None, fd)
 
     def wait(self) -> tuple[list[Any], dict[int, Outcome]]:
         """The results of the oldest batch in flight: ``(values, failures)``."""
