@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import inspect
 import logging
 import threading
 import time
@@ -273,3 +274,24 @@ def test_a_keyed_task_needs_exactly_one_input() -> None:
 
     with pytest.raises(af.GraphError, match="must be called with one input"):
         f.run(1)
+
+
+@pytest.mark.skipif(
+    not hasattr(inspect, "markcoroutinefunction"), reason="inspect.markcoroutinefunction: 3.12+"
+)
+def test_a_function_marked_as_a_coroutine_function_is_an_async_task() -> None:
+    async def later(x: int) -> int:
+        await asyncio.sleep(0)
+        return 2 * x
+
+    def marked(x: int) -> Any:  # a plain def returning an awaitable
+        return later(x)
+
+    t = af.task(inspect.markcoroutinefunction(marked))  # type: ignore[attr-defined]
+    assert t.executor == "async"
+
+    @af.flow
+    def f(x: int) -> Any:
+        return t(x)
+
+    assert f.run(21) == 42

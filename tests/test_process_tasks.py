@@ -229,6 +229,20 @@ def test_a_process_task_over_its_timeout_is_killed() -> None:
     assert info.value.failures[0].error_type == "TaskTimeout"
 
 
+@af.task(executor="process", timeout=float("inf"))
+def double_unbounded(x: int) -> int:
+    return 2 * x
+
+
+def test_an_infinite_timeout_is_no_limit() -> None:
+    # poll() takes an int of milliseconds: inf used to overflow it
+    @af.flow
+    def f(x: int) -> Any:
+        return double_unbounded(x)
+
+    assert f.run(21) == 42
+
+
 @af.task(executor="process", key=lambda ev: ev["user"], workers=2)
 class Sessions:
     """Counts events per user inside worker processes."""

@@ -84,7 +84,8 @@ def _code_kinds(fn: Any) -> tuple[bool, bool, bool]:
     after unwrapping partials and methods): a graph of N tasks is built N times
     faster than with three ``inspect`` calls each.
     """
-    if type(fn) is _FUNCTION:
+    # (3.12+: inspect.markcoroutinefunction marks a plain def as a coroutine function)
+    if type(fn) is _FUNCTION and "_is_coroutine_marker" not in fn.__dict__:
         flags = fn.__code__.co_flags
         return (
             bool(flags & _CO_COROUTINE),

@@ -1081,6 +1081,9 @@ class _Batch:
             return None
 
 
+_MAX_POLL_S = 2_000_000.0  # poll() takes an int of milliseconds: longer is for ever
+
+
 class _Slot:
     """One worker position; its process is replaced when it dies or is recycled.
 
@@ -1119,7 +1122,9 @@ class _Slot:
         if extra >= 0:
             poller.register(extra, select.POLLIN)
         try:
-            ms = None if timeout is None else math.ceil(max(0.0, timeout) * 1000)
+            ms = None
+            if timeout is not None and timeout < _MAX_POLL_S:  # inf: wait for ever
+                ms = math.ceil(max(0.0, timeout) * 1000)
             return [fd for fd, _ in poller.poll(ms)]
         finally:
             if extra >= 0:
