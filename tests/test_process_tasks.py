@@ -371,3 +371,108 @@ def test_workers_are_recycled_after_max_tasks_per_worker() -> None:
     assert len(set(seen)) == 3
     assert seen[0] == seen[1] == seen[2]
     assert seen[3] != seen[0]
+
+
+# -- the pump: a consumer of map / stream runs a process node's batches itself ------
+
+
+@af.task(executor="process", workers=2)
+def double(x: int) -> int:
+    return 2 * x
+
+
+def test_a_stream_flows_on_while_its_consumer_is_away() -> None:
+    # the consumer pumps the process node while it waits for results; when it goes
+    # off to run its own code, hosts take over the batches in flight and the rest
+    seen: list[int] = []
+    all_seen = threading.Event()
+
+    @af.task
+    def note(x: int) -> int:
+        seen.append(x)
+        if len(seen) == 32:
+            all_seen.set()
+        return x
+
+    @af.flow
+    def f(x: int) -> Any:
+        return note(double(x))
+
+    with f.start(processes=2, max_in_flight=64) as running:
+        it = running.stream(range(32))  # all 32 are read in before the first result
+        first = next(it)
+        assert all_seen.wait(60), f"only {len(seen)} of 32 items done while away"
+        rest = list(it)
+    assert sorted([first, *rest]) == [2 * x for x in range(32)]
+
+
+@af.task(executor="process")
+def inc_in_worker(x: int) -> int:
+    return x + 1
+
+
+@af.task
+def times_ten(x: int) -> int:
+    return x * 10
+
+
+@af.task(executor="process")
+def minus_one(x: int) -> int:
+    return x - 1
+
+
+def test_two_process_nodes_on_one_worker_take_turns_in_a_stream() -> None:
+    @af.flow
+    def f(x: int) -> Any:
+        return minus_one(times_ten(inc_in_worker(x)))
+
+    with f.start(processes=1, max_in_flight=256) as running:
+        out = sorted(running.stream(range(3000)))
+        m = running.metrics()
+    assert out == sorted((x + 1) * 10 - 1 for x in range(3000))
+    assert m["inc_in_worker"].done == m["minus_one"].done == 3000
+
+
+def test_workers_are_recycled_during_a_long_stream() -> None:
+    # the pump holds its worker across batches; it still gives it back to be recycled
+    with pids.start(processes=1, max_tasks_per_worker=50, max_in_flight=64) as running:
+        seen = set(running.stream(range(600)))
+    assert len(seen) >= 3
+
+
+def test_an_ordered_map_through_two_workers_keeps_the_input_order() -> None:
+    @af.task(executor="process", workers=2)
+    def uneven(x: int) -> int:
+        sum(range(20_000 if x % 7 == 0 else 10))  # some batches take longer
+        return x * 3
+
+    @af.flow
+    def f(x: int) -> Any:
+        return times_ten(uneven(x))
+
+    with f.start(processes=2, max_in_flight=32) as running:
+        assert list(running.map(range(2000))) == [x * 30 for x in range(2000)]
+
+
+def test_stop_without_drain_in_the_middle_of_a_stream_leaves_no_worker() -> None:
+    @af.task(executor="process", workers=2)
+    def slowish(x: int) -> int:
+        sum(range(50_000))
+        return x
+
+    @af.flow
+    def f(x: int) -> Any:
+        return slowish(x)
+
+    with f.start(processes=2, max_in_flight=64) as running:
+        assert running.submit(0).result(60) == 0
+        worker_pids = [w["pid"] for w in running.metrics()["slowish"].workers if w["pid"]]
+        got = 0
+        for _ in running.stream(range(100_000)):
+            got += 1
+            if got == 5:
+                running.stop(drain=False)  # batches are in flight in both workers
+                break
+    assert got == 5
+    assert worker_pids
+    assert _workers_alive(worker_pids) == []

@@ -366,6 +366,8 @@ def test_a_helping_thread_runs_computing_jobs_and_leaves_waiting_ones_to_hosts()
     done = threading.Event()
 
     class Job:
+        pumped = False
+
         def __init__(self, name: str, helpable: bool) -> None:
             self.name = name
             self.helpable = helpable
@@ -509,6 +511,7 @@ def test_jobs_left_queued_with_nobody_running_start_one_host_not_one_each() -> N
 
     class Job:
         helpable = True
+        pumped = False
 
         def run(self) -> None:
             done.release()

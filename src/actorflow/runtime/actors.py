@@ -19,6 +19,12 @@ job, up to ``max_hosts``. So a blocking call takes a thread, not the graph,
 while a graph of quick tasks pays for no thread it does not need. Idle hosts
 beyond ``keep_idle`` retire.
 
+A process node's pump, which a consumer of ``map`` / ``stream`` runs in rounds
+and queues again after each one, is handed to a host only after
+``pump_stall_s`` (20 ms): its batches are in flight in worker processes, the
+consumer is nearly always back long before, and polling at ``stall_s`` while
+it streams cost W2 ~2,000 context switches per run.
+
 No exception ever reaches pykka's own failure handling (which would stop the
 actor, and for a ``BaseException`` call pykka's process-global ``stop_all``):
 a host catches everything and reports it to the pool's ``on_fatal``.
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import _thread
 import heapq
+import math
 import os
 import threading
 import time
@@ -40,18 +47,25 @@ import pykka
 __all__ = ["HostPool", "Job"]
 
 _DEFAULT_MAX_HOSTS = max(64, min(32, (os.cpu_count() or 1) + 4))
+_LINGER_S = 0.05  # the watcher polls this long after jobs last waited before it sleeps
 
 
 class Job(Protocol):
     """Anything a host can run: a segment, or a slice of a parallel map.
 
     ``helpable``: the job computes in its thread, so a helping consumer may run
-    it itself (see :meth:`HostPool.schedule`).
+    it itself (see :meth:`HostPool.schedule`). ``pumped``: the job mostly waits
+    for worker processes and can also run in rounds that return when the
+    consumer's own condition holds (``pump(until, wake)``, see
+    :meth:`HostPool.help_one`).
     """
 
     helpable: bool
+    pumped: bool
 
     def run(self) -> None: ...
+
+    def pump(self, until: Callable[[], bool] | None, wake: Any) -> None: ...
 
 
 class ActorflowHost(pykka.ThreadingActor):
@@ -95,6 +109,7 @@ class HostPool:
         max_hosts: int = _DEFAULT_MAX_HOSTS,
         keep_idle: int = 2,
         stall_s: float = 0.002,
+        pump_stall_s: float = 0.02,
         watcher_thread: bool = True,
         caller_runs: bool = False,
     ) -> None:
@@ -103,6 +118,7 @@ class HostPool:
         self.max_hosts = max_hosts
         self.keep_idle = keep_idle
         self.stall_s = stall_s
+        self.pump_stall_s = pump_stall_s
         self.lock = threading.Lock()
         self.cond = threading.Condition(self.lock)
         self.ready: deque[Job] = deque()
@@ -116,7 +132,10 @@ class HostPool:
         self.closed = False
         self._use_watcher_thread = watcher_thread
         self._watcher: _Watcher | None = None
-        self._watch_sleeping = False  # the watcher waits without timeout: wake it on work
+        # how long the watcher's current wait may last (0: it is not waiting): schedule()
+        # wakes it when a job must not wait that long
+        self._watch_timeout = 0.0
+        self._linger_until = 0.0  # the watcher polls until then, even with nothing queued
         self._timers: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
         self._starting = 0  # hosts being started right now (shutdown waits for them)
         self._timer_seq = 0
@@ -135,21 +154,25 @@ class HostPool:
         self._poked = False  # notify() was called: wait() re-checks its predicate
 
     # -- scheduling ------------------------------------------------------------
-    def schedule(self, job: Job) -> None:
+    def schedule(self, job: Job, *, to_host: bool = False) -> None:
         """Run ``job.run()`` on an idle host, or queue it for the next free one.
 
         A job queued by a thread that helps (``run()``'s caller, or a consumer
         of ``map`` / ``stream`` inside :meth:`helping`) waits for that thread,
         which runs it when it next waits for results; the watcher hands it to
-        a host if it is still waiting after ``stall_s``.
+        a host if it is still waiting after ``stall_s``. ``to_host``: never
+        keep it for the calling thread.
         """
         spawn = False
         with self.lock:
             if self.closed:
                 return
-            # a job that mostly waits (a process chain's runner) is better run by a
-            # host while the helper consumes results: only in-thread work is kept
-            prefer = self._caller_runs or (getattr(self._local, "prefer", False) and job.helpable)
+            # a job that mostly waits (a process chain's runner, unless it can be run
+            # in rounds) is better run by a host while the helper consumes results
+            prefer = not to_host and (
+                self._caller_runs
+                or (getattr(self._local, "prefer", False) and (job.helpable or job.pumped))
+            )
             if self.idle and not (prefer and not self._caller_runs):
                 host = self.idle.pop()
             else:
@@ -161,15 +184,15 @@ class HostPool:
                     elif self._helpers:
                         # a helper runs a job meanwhile and may block in it: the
                         # watcher must poll (it is not woken per job)
-                        self._ensure_watching()
+                        self._ensure_watching(job.pumped)
                 elif self.n_hosts == 0:
                     spawn = True
                     self.n_hosts += 1
                     self._starting += 1
                 elif self._use_watcher_thread and self._watcher is None:
                     self._start_watcher()
-                elif self._watch_sleeping:
-                    # the watcher sleeps without a timeout only while nothing waits
+                elif self._watch_timeout > self.stall_s:
+                    # the watcher sleeps (or polls slowly) only while nothing waits
                     self.cond.notify_all()
         if host is not None:
             host.tell(job)
@@ -252,7 +275,7 @@ class HostPool:
         if not self.ready or self.closed or taken != mark[0]:
             return self._mark()
         window = now - mark[1]
-        if window < self.stall_s:
+        if window < self._stall_limit():
             return mark  # keep measuring from the older mark
         if self.idle:
             # jobs a helper queued wait while hosts idle (the helper went off to run
@@ -353,9 +376,12 @@ class HostPool:
         # left or notify() says the caller's predicate may have changed
         self._run_job(self.ready.popleft(), series=True)
 
-    def _run_job(self, job: Job, *, series: bool = False) -> None:
+    def _run_job(
+        self, job: Job, *, series: bool = False, pump: tuple[Callable[[], bool], Any] | None = None
+    ) -> None:
         """Under the lock (released while jobs run): a waiting thread runs ``job``, then,
-        with ``series``, the next queued jobs while there are any and nobody pokes."""
+        with ``series``, the next queued jobs while there are any and nobody pokes.
+        With ``pump`` (a consumer's ``(until, wake)``), a pumped job runs one round."""
         local = self._local
         key = getattr(local, "key", None)
         if key is None:
@@ -373,11 +399,14 @@ class HostPool:
                 if ready or self._timers:
                     # others wait while this thread runs a job it may block in: someone
                     # must see a stall (and fire timers); the watcher polls while jobs wait
-                    self._ensure_watching()
+                    self._ensure_watching(self._stall_limit() > self.stall_s)
                 self._helper_jobs[key] = job
                 self.lock.release()
                 try:
-                    job.run()
+                    if pump is not None and job.pumped:
+                        job.pump(*pump)
+                    else:
+                        job.run()
                 except KeyboardInterrupt as exc:
                     # Ctrl-C lands in whatever this thread runs: it is re-raised here,
                     # so run() / the consumer's loop sees it; a started graph stops,
@@ -412,13 +441,16 @@ class HostPool:
             return 1
         return default
 
-    def help_one(self) -> bool:
+    def help_one(self, pump: tuple[Callable[[], bool], Any] | None = None) -> bool:
         """Run one queued job that computes in its thread, if any; return whether one ran.
 
         A thread that waits for results (a consumer of ``map`` / ``stream``)
         calls it instead of sleeping, so the work it queued runs without a
         hand-off to another thread (a blocked helper is covered by the
-        watcher, as a blocked host is).
+        watcher, as a blocked host is). With ``pump`` = ``(until, wake)`` it
+        may also run one round of a pumped job (a process node's runner),
+        which returns once ``until()`` holds; ``wake`` must be signalled when
+        ``until()`` may have become true.
 
         Example::
 
@@ -431,9 +463,9 @@ class HostPool:
                 return False
             ready = self.ready
             for i, job in enumerate(ready):  # the head, nearly always
-                if job.helpable:
+                if job.helpable or (pump is not None and job.pumped):
                     del ready[i]
-                    self._run_job(job)
+                    self._run_job(job, pump=pump)
                     return True
         return False  # only jobs that mostly wait (process runners): hosts take them
 
@@ -455,7 +487,7 @@ class HostPool:
         if not on and self.ready:
             with self.lock:
                 if self.ready and not self.closed:
-                    self._ensure_watching()
+                    self._ensure_watching(self._stall_limit() > self.stall_s)
 
     def notify(self) -> None:
         """Wake whoever waits in :meth:`wait` (e.g. an item completed)."""
@@ -463,13 +495,24 @@ class HostPool:
             self._poked = True
             self.cond.notify_all()
 
-    def _ensure_watching(self) -> None:
-        # under the lock: jobs wait, so the watcher must run and poll (it sleeps
-        # without a timeout only while nothing waits)
+    def _ensure_watching(self, pumped: bool = False) -> None:
+        # under the lock: jobs wait (only pumps, with ``pumped``), so the watcher must
+        # run and poll often enough (it sleeps without a timeout while nothing waits)
+        if pumped:
+            # a consumer queues its pump again after every round: keep the watcher
+            # polling slowly for a while, rather than wake it for every round
+            self._linger_until = time.monotonic() + _LINGER_S
         if self._watcher is None:
             self._start_watcher()
-        elif self._watch_sleeping:
+        elif self._watch_timeout > (self.pump_stall_s if pumped else self.stall_s):
             self.cond.notify_all()
+
+    def _stall_limit(self) -> float:
+        # under the lock: how long the queued jobs may wait before a host takes them
+        for job in self.ready:
+            if not job.pumped:
+                return self.stall_s
+        return self.pump_stall_s
 
     def _start_watcher(self) -> None:
         # under the lock; see _Watcher for why this is not a threading.Thread
@@ -515,18 +558,24 @@ class HostPool:
         """
         timeout: float | None = None
         if self.ready:
-            timeout = self.stall_s
+            timeout = self._stall_limit()
+            self._linger_until = time.monotonic() + _LINGER_S
+        elif self._linger_until and time.monotonic() < self._linger_until:
+            # jobs waited a moment ago (a consumer that pumps a process node queues its
+            # pump again after every round): keep polling slowly rather than be woken
+            # for every round
+            timeout = self.pump_stall_s
         if self._timers:
             until = self._timers[0][0] - time.monotonic()
             timeout = until if timeout is None else min(timeout, until)
         if timeout is None or timeout > 0:
-            # not polling at stall_s (asleep, or waiting for a later timer): schedule()
-            # must wake us when it queues a job, or a stall would go unseen until then
-            self._watch_sleeping = timeout is None or timeout > self.stall_s
+            # schedule() wakes us when it queues a job that must not wait this long, or
+            # a stall would go unseen until then
+            self._watch_timeout = math.inf if timeout is None else timeout
             try:
                 self.cond.wait(timeout)
             finally:
-                self._watch_sleeping = False
+                self._watch_timeout = 0.0
         self._fire_timers()
 
     def call_later(self, delay: float, fn: Callable[..., None], *args: Any) -> None:
@@ -683,6 +732,7 @@ class _MapState:
     """Shared cursor over a parallel map's items; each runner takes the next ready element."""
 
     helpable = False  # its runners are there to run in parallel with the caller
+    pumped = False
 
     def __init__(
         self,
@@ -742,6 +792,9 @@ class _MapState:
             with cond:
                 self.active -= 1
                 cond.notify_all()
+
+    def pump(self, until: Callable[[], bool] | None, wake: Any) -> None:
+        self.run()  # not pumped: never called in rounds
 
     def wait_idle(self) -> None:
         with self.cond:

@@ -31,9 +31,11 @@ Memory per edge is therefore bounded by ``capacity`` plus one batch per sender.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import logging
+import select
 import threading
 import time
 from collections import deque
@@ -281,6 +283,19 @@ class Edge:
         self.sent_items = 0
 
 
+class _Held:
+    """One worker leased by a pumped segment, and its batches in flight, oldest first:
+    ``(ticket, ids, vals, sent_at)``."""
+
+    __slots__ = ("done_at", "hand", "lease", "returning")
+
+    def __init__(self, lease: Any, now: float) -> None:
+        self.lease = lease
+        self.hand: deque[tuple[int, Any, list[Any], float]] = deque()
+        self.done_at = now  # when its previous batch came back (the next one's start)
+        self.returning = False  # give the worker back once its batches are in
+
+
 class Segment:
     """The logical actor of one node or one fused chain of nodes.
 
@@ -310,6 +325,7 @@ class Segment:
         "first_arg",
         "fns",
         "held",
+        "held_leases",
         "helpable",
         "instances",
         "is_async",
@@ -327,6 +343,8 @@ class Segment:
         "nodes",
         "plan",
         "pool_key",
+        "pump_wake",
+        "pumped",
         "queued",
         "restarts",
         "retrying",
@@ -403,6 +421,12 @@ class Segment:
         # computes in its thread: a consumer waiting for results may run it (a process
         # runner mostly waits, better on a host while the consumer consumes)
         self.helpable = not self.is_process
+        # an untimed process chain of functions has one runner, its pump, that keeps
+        # up to `workers` workers busy; a consumer of map / stream may run it in
+        # rounds while it waits (see pump()), so no thread hands batches around
+        self.pumped = self.leasable and key_fn is None and head_task.timeout is None
+        self.held_leases: list[_Held] = []
+        self.pump_wake: Any = None  # the pump's WakeFd when a host runs it
         # a lone plain function thread task: a single clean item needs only the call
         self.lane = (
             len(nodes) == 1
@@ -578,7 +602,7 @@ class Segment:
         # called under the lock: how many new runners to ask for
         if self.throttle > 0 or self.cancelled:
             return 0
-        want = min(self.workers - self.running, len(self.work))
+        want = min((1 if self.pumped else self.workers) - self.running, len(self.work))
         if want > 0:
             self.running += want
             return want
@@ -593,6 +617,9 @@ class Segment:
         behind other ready segments), so a busy node cannot starve the others
         and a consumer gets back to its results.
         """
+        if self.pumped:
+            self.pump(None, None)
+            return
         batches = 0
         requeue = False
         work = self.work
@@ -776,6 +803,287 @@ class Segment:
                     if wake in waits:
                         waits.remove(wake)
                 wake.close()
+
+    def pump(self, until: Callable[[], bool] | None, wake: Any) -> None:
+        """Run a pumped process chain: keep up to ``workers`` leased workers busy.
+
+        Each held worker has up to two clean batches in flight (the second waits
+        in its pipe, see :class:`~actorflow.runtime.processes.Lease`); results
+        are collected from whichever worker is ready first and emitted in
+        ticket order. One thread at a time runs the pump, which is the node's
+        only runner; its leases and batches in flight outlive a round.
+
+        A host calls it with ``until=None``: it runs until nothing is queued
+        or in flight (then gives the workers back), or for ``ctx.quantum()``
+        batches (then queues itself again). A consumer of ``map`` / ``stream``
+        calls it through :meth:`HostPool.help_one` with its own condition and
+        wake descriptor: one round, which returns after emitting results (the
+        consumer may have something to run or yield now) or once ``until()``
+        holds, queueing itself again while batches are in flight (the pool's
+        watcher hands it to a host if the consumer does not come back).
+
+        A batch with skipped or failed items goes the general way once the
+        workers are drained and given back.
+        """
+        pool = self.ctx.process_pool()
+        key = self.pool_key or self._register_remote(pool)
+        consumer = until is not None
+        quantum = 1 if consumer else self.ctx.quantum()
+        held = self.held_leases
+        clock = time.perf_counter
+        if wake is None:
+            wake = self.pump_wake
+            if wake is None:
+                wake = self.pump_wake = _wake_fd()
+        rounds = 0
+        try:
+            while True:
+                special, sent = self._pump_send(pool, key, held, block=not consumer)
+                fdmap: dict[int, _Held] = {}
+                ready: list[_Held] = []
+                for h in held:
+                    if h.hand:
+                        fds = h.lease.poll_fds()
+                        if fds is None:
+                            ready.append(h)
+                        else:
+                            fdmap[fds[0]] = fdmap[fds[1]] = h
+                if not ready and not fdmap:  # nothing in flight
+                    self._return_leases(held, every=True)
+                    if special:
+                        self._pump_special()
+                        continue
+                    with self.lock:
+                        if not self._pump_can_send():
+                            self.running -= 1
+                            return
+                    if consumer and not sent:
+                        # no worker is free (other nodes hold them): a host waits for one
+                        self.ctx.schedule_on_host(self)
+                        return
+                    continue  # work came meanwhile: send it
+                if not ready:
+                    if until is not None and until():
+                        break
+                    if not self._pump_block(fdmap, ready, wake, until):
+                        continue  # woken by a delivery (or the consumer's condition)
+                now = clock()
+                for h in ready:
+                    self._pump_collect(h, now)
+                rounds += 1
+                if rounds >= quantum:
+                    break
+        except _EmitFailed as failed:
+            self._pump_abandon(held)
+            raise failed.__cause__ or failed from None
+        except Exception as exc:
+            self._pump_abandon(held)
+            self.ctx.on_segment_crash(self, exc)
+            return
+        except BaseException:
+            self._pump_abandon(held)
+            raise
+        # the round ends with batches in flight (or about to be sent): run again soon
+        self.schedule(self)
+
+    def _pump_can_send(self) -> bool:
+        # under the lock: a clean or special batch waits and may be taken now
+        return bool(self.work) and not self.throttle and not self.cancelled
+
+    def _pump_send(
+        self, pool: Any, key: str, held: list[_Held], *, block: bool
+    ) -> tuple[bool, bool]:
+        """Send queued clean batches to held workers with room, leasing more workers
+        (up to ``workers``; waiting for one only with ``block`` and none held).
+        Returns whether a special batch heads the queue (the pump then drains) and
+        whether anything was sent."""
+        work = self.work
+        head = self.stats[0]
+        sent = False
+        while True:
+            with self.lock:
+                if not work or self.throttle or self.cancelled:
+                    return False, sent
+                if work[0][3]:
+                    return True, sent
+            target = None
+            for h in held:
+                if len(h.hand) < 2 and not h.returning:
+                    if h.lease.due_back():
+                        h.returning = True  # another node waits, or it is due for recycling
+                        continue
+                    target = h
+                    break
+            if target is None:
+                if len(held) >= self.workers:
+                    return False, sent
+                lease = pool.try_lease(key)
+                if lease is None and block and not held:
+                    lease = pool.lease(key)
+                if lease is None:
+                    return False, sent
+                target = _Held(lease, time.perf_counter())
+                held.append(target)
+            woken: list[Segment] | None = None
+            with self.lock:
+                if not work or work[0][3] or self.throttle or self.cancelled:
+                    continue  # changed meanwhile: look again
+                ticket, ids, vals = work.popleft()[:3]
+                woken = self._taken(len(vals))
+            if woken is not None:
+                _unthrottle(woken)
+            target.hand.append((ticket, ids, vals, time.perf_counter()))
+            head.in_flight += len(vals)
+            self._check_injected()
+            target.lease.send(vals)
+            sent = True
+
+    def _pump_block(
+        self,
+        fdmap: dict[int, _Held],
+        ready: list[_Held],
+        wake: Any,
+        until: Callable[[], bool] | None,
+    ) -> bool:
+        """Wait until a held worker has results (append it to ``ready``: True), or a
+        delivery or the consumer's wake descriptor says to look again (False)."""
+        waits = self.lease_waits
+        assert waits is not None
+        with self.lock:
+            if self._pump_can_send() and any(
+                len(h.hand) < 2 and not h.returning for h in self.held_leases
+            ):
+                return False  # something to send first
+            waits.append(wake)  # a delivery signals us
+        poller = select.poll()
+        for fd in fdmap:
+            poller.register(fd, select.POLLIN)
+        wfd = wake.fileno()
+        poller.register(wfd, select.POLLIN)
+        wake.armed = True
+        try:
+            if until is not None and until():
+                return False
+            events = poller.poll()
+        finally:
+            wake.armed = False
+            with self.lock:
+                if wake in waits:
+                    waits.remove(wake)
+        woken = False
+        for fd, _ in events:
+            if fd == wfd:
+                woken = True
+                continue
+            h = fdmap[fd]
+            if h not in ready:
+                ready.append(h)
+        if woken:
+            wake.drain()
+        return bool(ready)
+
+    def _pump_collect(self, h: _Held, now: float) -> None:
+        """Read the oldest batch of ``h`` back, count it and emit it (in ticket order)."""
+        head = self.stats[0]
+        values, fails = h.lease.wait()
+        ticket, ids, vals, sent_at = h.hand.popleft()
+        # its own run time: from when the worker could start it (sent, and the batch
+        # before it back) to its results
+        head.sample((now - max(sent_at, h.done_at)) / len(vals))
+        h.done_at = now
+        skipped = self._remote_results(ids, vals, values, fails, None, -1)
+        out_ids, out, out_special = ids, values, skipped > 0
+        if fails:
+            held_back = sum(1 for o in values if o is _PENDING)
+            out_ids, out = self._without_held(ids, values, held_back)
+            out_special = True
+        head.in_flight -= len(vals)
+        try:
+            if self.workers == 1:
+                throttled = self.emit(out_ids, out, out_special) if out else 0
+                if throttled:
+                    with self.lock:
+                        self.throttle += throttled
+            else:
+                self._emit_in_order(ticket, (out_ids, out, out_special))
+        except Exception as exc:
+            raise _EmitFailed from exc
+        if not h.hand:
+            self._return_leases([h], every=False)
+
+    def _return_leases(self, leases: list[_Held], *, every: bool) -> None:
+        """Give back the workers of ``leases`` with nothing in flight that are due back,
+        or (``every``) all of them."""
+        held = self.held_leases
+        for h in list(leases):
+            if h.hand or not (every or h.returning):
+                continue
+            held.remove(h)
+            h.lease.release()
+
+    def _pump_special(self) -> None:
+        """The head of the queue has skipped or failed items: run it the general way
+        (the pump's workers are back in the pool: it may lease any)."""
+        head = self.stats[0]
+        with self.lock:
+            if not self.work or not self.work[0][3] or self.throttle or self.cancelled:
+                return
+            ticket, ids, vals, special, pin = self.work.popleft()
+            n = len(vals)
+            wake = self._taken(n)
+        if wake is not None:
+            _unthrottle(wake)
+        head.in_flight += n
+        try:
+            out_ids, out, out_special = self.process(ids, vals, special, pin)
+        except Exception:
+            with self.lock:
+                self.work.appendleft((ticket, ids, vals, special, pin))
+                self.queued += n
+            head.in_flight -= n
+            raise
+        head.in_flight -= n
+        try:
+            if self.workers == 1:
+                throttled = self.emit(out_ids, out, out_special) if out else 0
+                if throttled:
+                    with self.lock:
+                        self.throttle += throttled
+            else:
+                self._emit_in_order(ticket, (out_ids, out, out_special))
+        except Exception as exc:
+            raise _EmitFailed from exc
+
+    def _pump_abandon(self, held: list[_Held]) -> None:
+        """After an error in the pump: put the batches in flight back in the queue, in
+        ticket order, give the workers back (stopping those with batches in them:
+        their state is unknown) and stop being the node's runner."""
+        back = sorted((e for h in held for e in h.hand), key=lambda e: e[0])
+        for h in held:
+            h.hand.clear()
+            with contextlib.suppress(Exception):
+                h.lease.release()
+        held.clear()
+        head = self.stats[0]
+        with self.lock:
+            for ticket, ids, vals, _sent in reversed(back):
+                self.work.appendleft((ticket, ids, vals, False, -1))
+                self.queued += len(vals)
+                head.in_flight -= len(vals)
+            self.running -= 1
+
+    def release_leases(self) -> None:
+        """Give back every worker the pump holds (the run stops; its batches are done
+        or cancelled)."""
+        held = self.held_leases
+        while held:
+            h = held.pop()
+            h.hand.clear()
+            with contextlib.suppress(Exception):
+                h.lease.release()
+        wake, self.pump_wake = self.pump_wake, None
+        if wake is not None:
+            wake.close()
 
     def _check_injected(self) -> None:
         if self.crash_next:  # fault injection (actorflow.testing): an internal error
@@ -1635,6 +1943,10 @@ class RunContext:
 
     def process_pool(self) -> Any:  # pragma: no cover - interface
         """The run's shared pool of worker processes (started on first use)."""
+        raise NotImplementedError
+
+    def schedule_on_host(self, segment: Segment) -> None:  # pragma: no cover - interface
+        """Queue ``segment`` for a host thread (never for the calling consumer)."""
         raise NotImplementedError
 
     def map_parallel(

@@ -150,7 +150,7 @@ from multiprocessing import reduction
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from multiprocessing.sharedctypes import RawArray
-from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias, overload
 
 import cloudpickle
 import psutil
@@ -1204,6 +1204,7 @@ def _kill_leftovers(slots: list[_Slot], lock: threading.Lock) -> None:
 _PIPE_BYTES = 1 << 20  # a batch of log lines is ~70 KB: more than a default 64 KB pipe
 _DEFAULT_PIPE_BYTES = 4096  # POSIX guarantees PIPE_BUF >= 512; Linux and macOS give more
 _FRAMING_BYTES = 1024  # a request's envelope around its items and code, generously
+_RSS_CHECK_EVERY = 16  # Lease.due_back(): read a held worker's RSS once per this many calls
 
 
 def _widen_pipe(conn: Any) -> int:
@@ -1288,6 +1289,7 @@ class ProcessPool:
         self._classes: dict[str, _Code] = {}
         self._versions = itertools.count(1)
         self._batch_ids = itertools.count(_HELLO_BATCH + 1)
+        self._acquiring = 0  # threads waiting in _acquire for a free worker
         self._finalizer = weakref.finalize(self, _kill_leftovers, self._slots, self._proc_lock)
 
     def __repr__(self) -> str:
@@ -1673,6 +1675,28 @@ class ProcessPool:
         target = _Target(_RUN, key, code)
         return Lease(self, self._acquire(None, target.code_key, code.version), target)
 
+    def try_lease(self, key: str) -> Lease | None:
+        """Like :meth:`lease`, but None at once when no worker is free.
+
+        Example::
+
+            lease = pool.try_lease("parse_keep")
+            if lease is None:
+                ...  # every worker is held: come back later
+        """
+        with self._cond:
+            code = self._chains.get(key)
+        if code is None:
+            raise KeyError(f"no chain {key!r} is registered in process pool {self.name!r}")
+        target = _Target(_RUN, key, code)
+        slot = self._acquire(None, target.code_key, code.version, block=False)
+        return None if slot is None else Lease(self, slot, target)
+
+    def contended(self) -> bool:
+        """Whether some thread waits for a free worker (a lease holder should give
+        its worker back soon)."""
+        return self._acquiring > 0
+
     def _request(
         self,
         slot: _Slot,
@@ -1910,7 +1934,17 @@ class ProcessPool:
         if self._closed:
             raise PoolClosed(f"process pool {self.name!r} is shut down; no more calls")
 
-    def _acquire(self, pinned: int | None, code_key: str, version: int) -> _Slot:
+    @overload
+    def _acquire(self, pinned: int | None, code_key: str, version: int) -> _Slot: ...
+
+    @overload
+    def _acquire(
+        self, pinned: int | None, code_key: str, version: int, *, block: bool
+    ) -> _Slot | None: ...
+
+    def _acquire(
+        self, pinned: int | None, code_key: str, version: int, *, block: bool = True
+    ) -> _Slot | None:
         with self._cond:
             while True:
                 self._check_open()
@@ -1931,7 +1965,13 @@ class ProcessPool:
                             ),
                         )
                         break
-                self._cond.wait()
+                if not block:
+                    return None
+                self._acquiring += 1
+                try:
+                    self._cond.wait()
+                finally:
+                    self._acquiring -= 1
             slot.busy = True
             return slot
 
@@ -2284,6 +2324,7 @@ class Lease:
         # (batch, fails, timeout, sent, encoded, worker start count when sent)
         self._pending: deque[tuple[_Batch, dict[int, Outcome], float | None, Any, Any, int]]
         self._pending = deque()
+        self._checks = 0  # due_back() calls (the RSS check is rate-limited)
 
     def __enter__(self) -> Lease:
         return self
@@ -2339,6 +2380,53 @@ class Lease:
             return True  # its results were read (routed) while an earlier batch was collected
         fd = wake.fileno()
         return fd not in slot.wait_fds(None, fd)
+
+    def poll_fds(self) -> tuple[int, int] | None:
+        """What to poll until the oldest batch's results can be read: the worker's
+        result pipe and exit sentinel; None when :meth:`wait` need not block for
+        them (they were read already, or it has to send or report something).
+
+        For waiting on several leases (and other descriptors) at once, with
+        :func:`select.poll`. Not for a timed batch (:meth:`wait` enforces its
+        timeout; a poll would not).
+
+        Example::
+
+            fds = lease.poll_fds()
+            if fds is None or poller_says_readable(fds):
+                values, fails = lease.wait()
+        """
+        slot, pending = self._slot, self._pending
+        if slot is None or not pending:
+            raise RuntimeError("no batch in flight on this lease")
+        sent, starts = pending[0][3], pending[0][5]
+        if sent is None or slot.from_worker is None or slot.process is None:
+            return None
+        if slot.starts != starts or slot.conn_fd < 0:
+            return None
+        ex = sent[2]
+        if ex.fate != "done" or ex.count >= len(ex.back):
+            return None
+        return slot.conn_fd, slot.sentinel_fd
+
+    def due_back(self) -> bool:
+        """Whether the holder should give the worker back once its batches are in:
+        another thread waits for a worker, or the worker is due for recycling
+        (``max_tasks_per_worker``; ``max_worker_rss_mb`` is read at most every
+        ``_RSS_CHECK_EVERY`` calls)."""
+        slot, pool = self._slot, self._pool
+        if slot is None:
+            return True
+        if pool._acquiring or pool._closed:
+            return True
+        limit = pool.max_tasks_per_worker
+        if limit is not None and slot.tasks_done >= limit:
+            return True
+        if pool.max_worker_rss_mb is not None:
+            self._checks += 1
+            if self._checks % _RSS_CHECK_EVERY == 0:
+                return pool._recycle_reason(slot) is not None
+        return False
 
     def wait(self) -> tuple[list[Any], dict[int, Outcome]]:
         """The results of the oldest batch in flight: ``(values, failures)``."""
@@ -2401,9 +2489,10 @@ class WakeFd:
         wake.close()
     """
 
-    __slots__ = ("_r", "_w")
+    __slots__ = ("_r", "_w", "armed")
 
     def __init__(self) -> None:
+        self.armed = False  # a thread is about to block on it (a hint for signallers)
         if hasattr(os, "eventfd"):
             self._r = self._w = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         else:  # pragma: no cover - not Linux

@@ -119,6 +119,39 @@ class _FutureOwner:
             pass  # already cancelled or resolved
 
 
+class _ConsumerWake:
+    """The wake descriptor of a consumer that pumps a process node while it waits
+    (see ``Segment.pump``): its eventfd is made on first use, so a graph without
+    process tasks never loads the process runtime. ``armed`` while the consumer
+    blocks on it: only then do completions signal it."""
+
+    __slots__ = ("armed", "fd")
+
+    def __init__(self) -> None:
+        self.armed = False
+        self.fd: Any = None
+
+    def fileno(self) -> int:
+        if self.fd is None:
+            from actorflow.runtime.processes import WakeFd
+
+            self.fd = WakeFd()
+        return int(self.fd.fileno())
+
+    def signal(self) -> None:
+        if self.fd is not None:
+            self.fd.signal()
+
+    def drain(self) -> None:
+        if self.fd is not None:
+            self.fd.drain()
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            fd.close()
+
+
 class _QueueOwner:
     """Owner of the blocks of one ``map`` or ``stream`` call."""
 
@@ -127,17 +160,21 @@ class _QueueOwner:
         self.done: dict[int, _Block] = {}
         self.order: deque[_Block] = deque()  # completion order (stream)
         self.error: BaseException | None = None
+        self.wake = _ConsumerWake()
 
     def block_done(self, block: _Block) -> None:
         with self.cond:
             self.done[block.start] = block
             self.order.append(block)
             self.cond.notify()
+        if self.wake.armed:  # the consumer pumps a process node: wake it
+            self.wake.signal()
 
     def abort(self, exc: BaseException) -> None:
         with self.cond:
             self.error = exc
             self.cond.notify_all()
+        self.wake.signal()
 
 
 class _Sink:
@@ -492,6 +529,7 @@ class RunningFlow(RunContext):
                         raise RunFailed(list(v.failures), self.run_id)
                     yield v
         finally:
+            owner.wake.close()
             if pending and not self._stopped:
                 # abandoned: in-flight items finish and are discarded
                 with cond:
@@ -533,14 +571,18 @@ class RunningFlow(RunContext):
             if ordered:
                 head = pending[0]
                 self._wait_helping(
-                    cond, lambda: head.start in owner.done or owner.error is not None
+                    cond,
+                    lambda: head.start in owner.done or owner.error is not None,
+                    wake=owner.wake,
                 )
                 if owner.error is not None:
                     raise owner.error
                 block = owner.done.pop(head.start)
                 pending.popleft()
             else:
-                self._wait_helping(cond, lambda: bool(owner.order) or owner.error is not None)
+                self._wait_helping(
+                    cond, lambda: bool(owner.order) or owner.error is not None, wake=owner.wake
+                )
                 if owner.error is not None:
                     raise owner.error
                 block = owner.order.popleft()
@@ -555,17 +597,21 @@ class RunningFlow(RunContext):
         *,
         timeout: float | None = None,
         check: Callable[[], None] | None = None,
+        wake: _ConsumerWake | None = None,
     ) -> None:
         """Under ``cond``: wait until ``done()``; a helping thread runs queued work
-        meanwhile instead of sleeping (see ``HostPool.help_one``)."""
+        meanwhile instead of sleeping (see ``HostPool.help_one``). With ``wake``
+        (signalled when ``done()`` may have become true) it also pumps process
+        nodes in rounds (see ``Segment.pump``)."""
         pool = self._pool
+        pump = None if wake is None else (done, wake)
         while not done():
             if check is not None:
                 check()
             if pool.ready and pool.is_helping():
                 cond.release()
                 try:
-                    helped = pool.help_one()
+                    helped = pool.help_one(pump)
                 finally:
                     cond.acquire()
                 # re-check before sleeping: the condition may have changed meanwhile
@@ -762,6 +808,9 @@ class RunningFlow(RunContext):
 
     def on_internal_error(self, exc: BaseException) -> None:
         self._on_fatal(exc)
+
+    def schedule_on_host(self, segment: Segment) -> None:
+        self._pool.schedule(segment, to_host=True)
 
     def process_pool(self) -> Any:
         """The run's pool of worker processes, shared by all its process tasks."""
@@ -1006,6 +1055,9 @@ class RunningFlow(RunContext):
                 else:
                     b.owner.abort(cancelled)
             self._pool.shutdown()  # counters are final from here on: metrics() reads them
+            for seg in self._segments:
+                if seg.pumped:
+                    seg.release_leases()  # workers a pump held (cancelled or failed run)
             self._stop_loop()
             if self._processes is not None:
                 self._worker_stats = self._processes.stats()
