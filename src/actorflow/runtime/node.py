@@ -54,6 +54,8 @@ __all__ = ["Failed", "NodeStats", "Segment"]
 _log = logging.getLogger("actorflow")
 _LATENCY_SAMPLES = 512
 _QUANTUM = 16  # batches a segment processes before yielding its host
+_PIECE_S = 0.01  # a pumped node splits batches of slow items into pieces of about this
+_SMALL_BATCH = 8  # ... and batches of up to this many items into single items
 _SAMPLE_SINGLES = 8  # single items through a chain: one in 8 is timed (careful path)
 
 
@@ -330,6 +332,7 @@ class Segment:
         "instances",
         "is_async",
         "is_process",
+        "item_s",
         "joiner",
         "key_fn",
         "lane",
@@ -427,6 +430,7 @@ class Segment:
         self.pumped = self.leasable and key_fn is None and head_task.timeout is None
         self.held_leases: list[_Held] = []
         self.pump_wake: Any = None  # the pump's WakeFd when a host runs it
+        self.item_s = -1.0  # the pump's running estimate of one item's time (-1: none yet)
         # a lone plain function thread task: a single clean item needs only the call
         self.lane = (
             len(nodes) == 1
@@ -521,8 +525,22 @@ class Segment:
 
     def _enqueue(self, ids: Any, vals: list[Any], special: bool) -> None:
         n = len(vals)
+        size = 0
         if self.workers > 1 and n > 1:
-            size = -(-n // self.workers)
+            size = -(-n // self.workers)  # a share for every worker
+            if self.pumped:
+                # a pump spreads whole batches over its workers and keeps each busy
+                # (W2: splitting a block in halves made each block wait for the slower
+                # worker). Small batches (slow items, or a stream's first chunks) go
+                # item by item; quick items in whole batches; slow ones in pieces of
+                # about _PIECE_S, so no worker is left with a long tail while the
+                # other idles (the estimate is the node's recent time per item)
+                item_s = self.item_s
+                if n <= _SMALL_BATCH:
+                    size = 1
+                elif item_s >= 0:
+                    size = max(1, int(_PIECE_S / item_s)) if item_s * n > _PIECE_S else 0
+        if size and size < n:
             for start in range(0, n, size):
                 stop = start + size
                 self.work.append((self.next_ticket, ids[start:stop], vals[start:stop], special, -1))
@@ -989,7 +1007,9 @@ class Segment:
         ticket, ids, vals, sent_at = h.hand.popleft()
         # its own run time: from when the worker could start it (sent, and the batch
         # before it back) to its results
-        head.sample((now - max(sent_at, h.done_at)) / len(vals))
+        item_s = (now - max(sent_at, h.done_at)) / len(vals)
+        head.sample(item_s)
+        self.item_s = item_s if self.item_s < 0 else 0.75 * self.item_s + 0.25 * item_s
         h.done_at = now
         skipped = self._remote_results(ids, vals, values, fails, None, -1)
         out_ids, out, out_special = ids, values, skipped > 0

@@ -235,9 +235,9 @@ class _ReadAhead:
 
     __slots__ = ("cap", "chunk", "exhausted", "limit", "outstanding")
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, div: int = _CAP_DIV) -> None:
         self.limit = limit
-        self.cap = max(1, min(_MAX_CHUNK, limit // _CAP_DIV or 1))
+        self.cap = max(1, min(_MAX_CHUNK, limit // div or 1))
         self.chunk = _FIRST_CHUNK  # read-ahead chunks start small (first output soon)
         self.outstanding = 0  # items entered and not yet consumed
         self.exhausted = False
@@ -350,6 +350,11 @@ class RunningFlow(RunContext):
         schedule = self._pool.schedule
         self._segments = [Segment(sp, self, schedule, capacity) for sp in plan.segments]
         self._sink = _Sink(self, plan)
+        # read-ahead chunks (blocks) small enough that every worker a process node's
+        # pump keeps busy holds two batches: each block is one batch for one worker,
+        # so one slow worker never holds back the blocks of the other
+        pumped = sum(seg.workers for seg in self._segments if seg.pumped)
+        self._chunk_div = max(_CAP_DIV, 2 * pumped)
         segments, sink = self._segments, self._sink
         for seg, sp in zip(segments, plan.segments, strict=True):
             seg.open()
@@ -500,7 +505,7 @@ class RunningFlow(RunContext):
     def _iterate(self, values: Iterator[Any], *, ordered: bool) -> Iterator[Any]:
         owner = _QueueOwner()
         pending: deque[_Block] = deque()
-        read_ahead = _ReadAhead(self.max_in_flight)
+        read_ahead = _ReadAhead(self.max_in_flight, self._chunk_div)
         cond = owner.cond
         pool = self._pool
         try:
