@@ -7,6 +7,8 @@ import logging
 import os
 import signal
 import threading
+import time
+from collections import Counter
 from typing import Any
 
 import psutil
@@ -476,3 +478,21 @@ def test_stop_without_drain_in_the_middle_of_a_stream_leaves_no_worker() -> None
     assert got == 5
     assert worker_pids
     assert _workers_alive(worker_pids) == []
+
+
+def test_slow_items_are_spread_evenly_over_the_workers() -> None:
+    # a quick item first leaves a misleading estimate of the node's time per item;
+    # a map of slow items must still go item by item, not in pairs to one worker
+    @af.task(executor="process", workers=2)
+    def nap(x: float) -> int:
+        time.sleep(x)
+        return os.getpid()
+
+    @af.flow
+    def f(x: float) -> Any:
+        return nap(x)
+
+    with f.start(processes=2) as running:
+        running.submit(0.0).result(60)
+        pids = list(running.map([0.2] * 8))
+    assert sorted(Counter(pids).values()) == [4, 4]
