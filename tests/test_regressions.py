@@ -716,3 +716,25 @@ def test_stop_in_a_forked_child_does_not_wait_for_the_parents_watcher() -> None:
         assert os.waitstatus_to_exitcode(statuses[0]) == 0
     finally:
         running.stop()
+
+
+def test_a_failure_in_an_early_part_of_a_block_reaches_the_dead_letters() -> None:
+    # workers=2 splits a read-ahead block in two parts, emitted in order: the clean
+    # second part completes the block, which must still count the first part's failure
+    @af.task(workers=2)
+    def fails_on_three(x: int) -> int:
+        if x == 3:
+            raise ValueError("three")
+        return x
+
+    @af.flow
+    def f(x: int) -> Any:
+        return fails_on_three(x)
+
+    with f.start() as running:
+        out = sorted(running.stream(range(8)))  # blocks of 1, 2, 4 and 1 items
+        dead = running.dead_letters()
+    assert out == [0, 1, 2, 4, 5, 6, 7]
+    assert [(d.task, d.item_id, d.error_type) for d in dead] == [
+        ("fails_on_three", 3, "ValueError")
+    ]

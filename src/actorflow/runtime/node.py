@@ -40,7 +40,8 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from itertools import islice
+from itertools import islice, repeat
+from operator import is_
 from typing import Any
 
 from actorflow._markers import SKIP
@@ -1212,7 +1213,7 @@ class Segment:
         from actorflow.runtime import processes as pr
 
         # not values.count(SKIP): that calls each value's __eq__ (a numpy array's raises)
-        skipped = sum(1 for v in values if v is SKIP)
+        skipped = sum(map(is_, values, repeat(SKIP)))
         ok = len(values) - len(fails)
         if fails:
             for j, oc in fails.items():

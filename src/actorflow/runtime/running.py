@@ -81,7 +81,7 @@ class NodeMetrics:
 class _Block:
     """A contiguous block of item ids entered together, and their results."""
 
-    __slots__ = ("n", "owner", "received", "special", "start", "vals")
+    __slots__ = ("kept", "n", "owner", "received", "special", "start", "vals")
 
     def __init__(self, owner: Any, start: int, n: int) -> None:
         self.owner = owner
@@ -90,6 +90,8 @@ class _Block:
         self.vals: list[Any] | None = None
         self.received = 0
         self.special = False
+        # a special block's outputs without skipped and failed items (what stream yields)
+        self.kept: list[Any] | None = None
 
 
 class _FutureOwner:
@@ -527,7 +529,10 @@ class RunningFlow(RunContext):
                     yield from vals
                     continue
                 if not ordered:  # skipped and failed items are not yielded (dead_letters())
-                    yield from [v for v in vals if v is not SKIP and type(v) is not Failed]
+                    kept = block.kept
+                    if kept is None:  # pragma: no cover - every special block has them
+                        kept = [v for v in vals if v is not SKIP and type(v) is not Failed]
+                    yield from kept
                     continue
                 for v in vals:  # map: a skipped item yields SKIP in its place
                     if type(v) is Failed:
@@ -662,13 +667,19 @@ class RunningFlow(RunContext):
             if self._finally is not None:
                 for b in finished:
                     self._finalized.difference_update(range(b.start, b.start + b.n))
-            if special:
-                for b in finished:
+            for b in finished:
+                # the block's flag, not this call's: a block finished by a clean part
+                # may hold failures its earlier parts brought
+                if b.special:
                     assert b.vals is not None
-                    for v in b.vals:
-                        if type(v) is Failed:
-                            self._failed_items += 1
+                    kept = [v for v in b.vals if v is not SKIP]
+                    failed = [v for v in kept if type(v) is Failed]
+                    if failed:
+                        self._failed_items += len(failed)
+                        for v in failed:
                             self._dead.extend(v.failures)
+                        kept = [v for v in kept if type(v) is not Failed]
+                    b.kept = kept
             if len(self._starts) > 2 * len(blocks) + 256:
                 self._starts = sorted(blocks)
             self._space.notify_all()
