@@ -1045,3 +1045,32 @@ def test_worker_pipes_hold_a_whole_batch(pool: ProcessPool) -> None:
         for conn in (slot.to_worker, slot.from_worker):
             assert conn is not None
             assert fcntl.fcntl(conn.fileno(), getattr(fcntl, "F_GETPIPE_SZ", 1032)) == 1 << 20
+
+
+def test_close_gives_pool_closed_to_a_thread_waiting_for_a_worker(solo: ProcessPool) -> None:
+    # a cancelled run dropped the job that held the only worker: a host waiting for
+    # that worker must not wait for ever (review of the pump)
+    solo.register("pid", [pid_of])
+    held = solo.lease("pid")
+    got: list[BaseException] = []
+    waiting = threading.Event()
+
+    def wait_for_worker() -> None:
+        waiting.set()
+        try:
+            solo.lease("pid")
+        except BaseException as exc:
+            got.append(exc)
+
+    t = threading.Thread(target=wait_for_worker)
+    t.start()
+    waiting.wait(10)
+    wait_until(solo.contended)
+    solo.close()
+    t.join(10)
+    held.release()
+    assert not t.is_alive()
+    assert len(got) == 1
+    assert isinstance(got[0], PoolClosed)
+    with pytest.raises(PoolClosed):
+        solo.try_lease("pid")  # closed: no new lease either

@@ -738,3 +738,89 @@ def test_a_failure_in_an_early_part_of_a_block_reaches_the_dead_letters() -> Non
     assert [(d.task, d.item_id, d.error_type) for d in dead] == [
         ("fails_on_three", 3, "ValueError")
     ]
+
+
+def test_a_pump_queued_for_a_consumer_that_waits_for_something_else_goes_to_a_host() -> None:
+    # a consumer queued its process node's pump (it runs it while it waits for
+    # results), then waited for room for more items instead: nobody ran the pump
+    # and the stream hung (review of the pump)
+    from actorflow.runtime.actors import HostPool
+
+    errors: list[BaseException] = []
+    pool = HostPool("pump-away", errors.append)
+    ran = threading.Event()
+
+    class Pump:
+        helpable = False
+        pumped = True
+
+        def run(self) -> None:
+            ran.set()
+
+        def pump(self, until: Any, wake: Any) -> None:
+            raise AssertionError("help_one() without pump= must not run a pump")
+
+    try:
+        pool.helping(True)  # a consumer inside map/stream
+        pool.schedule(Pump())  # kept for this thread
+        assert not pool.help_one()  # waiting for room: it may not pump here
+        assert ran.wait(10)  # a host ran it (after pump_stall_s), though we still help
+    finally:
+        pool.helping(False)
+        pool.shutdown()
+    assert errors == []
+
+
+def test_a_pumped_node_pipelines_batches_with_skipped_items() -> None:
+    # an upstream filter puts skip markers in most batches a process node receives:
+    # those must go through the pump's workers like clean ones, not one at a time
+    # the general (blocking) way (review of the pump)
+    from actorflow.runtime.node import Segment
+
+    @af.task
+    def drop_tens(x: int) -> Any:
+        return af.SKIP if x % 10 == 0 else x
+
+    @af.task(executor="process", workers=2)
+    def triple(x: int) -> int:
+        return 3 * x
+
+    @af.flow
+    def f(x: int) -> Any:
+        return triple(drop_tens(x))
+
+    with (
+        mock.patch.object(
+            Segment, "process", autospec=True, side_effect=Segment.process
+        ) as general,
+        f.start(processes=2) as running,
+    ):
+        out = sorted(running.stream(range(3000)))
+        m = running.metrics()["triple"]
+    assert out == [3 * x for x in range(3000) if x % 10]
+    assert (m.done, m.skipped) == (2700, 300)
+    assert [c for c in general.call_args_list if c.args[0].name == "triple"] == []
+
+
+def test_retries_of_a_pumped_process_node_complete_in_a_stream(tmp_path: Any) -> None:
+    # a retried item comes back as a special batch: the pump spun on it for ever
+    # (review of the pump)
+    base = str(tmp_path)
+
+    @af.task(executor="process", retries=1, backoff=af.Backoff(initial=0.001))
+    def fails_once(x: int) -> int:
+        marker = os.path.join(base, str(x))
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            raise ValueError(f"first attempt of {x}")
+        return x
+
+    @af.flow
+    def f(x: int) -> Any:
+        return fails_once(x)
+
+    with f.start(processes=2, max_in_flight=16) as running:
+        out = sorted(running.stream(range(64)))
+        m = running.metrics()["fails_once"]
+    assert out == list(range(64))
+    assert (m.done, m.retried, m.failed) == (64, 64, 0)

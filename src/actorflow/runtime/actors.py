@@ -168,7 +168,10 @@ class HostPool:
             if self.closed:
                 return
             # a job that mostly waits (a process chain's runner, unless it can be run
-            # in rounds) is better run by a host while the helper consumes results
+            # in rounds) is better run by a host while the helper consumes results. A
+            # pump is kept for the helper, which runs it when it next waits for
+            # results; if it waits for something else, help_one() has the watcher
+            # hand the pump to a host
             prefer = not to_host and (
                 self._caller_runs
                 or (getattr(self._local, "prefer", False) and (job.helpable or job.pumped))
@@ -467,6 +470,10 @@ class HostPool:
                     del ready[i]
                     self._run_job(job, pump=pump)
                     return True
+            if ready:
+                # only jobs this call may not run: a pump this thread queued, while it
+                # waits for something else (room for its items): a host must take it
+                self._ensure_watching(self._stall_limit() > self.stall_s)
         return False  # only jobs that mostly wait (process runners): hosts take them
 
     def helping(self, on: bool) -> None:

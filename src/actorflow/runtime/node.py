@@ -288,13 +288,14 @@ class Edge:
 
 class _Held:
     """One worker leased by a pumped segment, and its batches in flight, oldest first:
-    ``(ticket, ids, vals, sent_at)``."""
+    ``(ticket, ids, vals, sent_at, prep)``; ``prep`` is None for a clean batch, else
+    what :meth:`Segment._prepare_special` made of a special one."""
 
     __slots__ = ("done_at", "hand", "lease", "returning")
 
     def __init__(self, lease: Any, now: float) -> None:
         self.lease = lease
-        self.hand: deque[tuple[int, Any, list[Any], float]] = deque()
+        self.hand: deque[tuple[int, Any, list[Any], float, Any]] = deque()
         self.done_at = now  # when its previous batch came back (the next one's start)
         self.returning = False  # give the worker back once its batches are in
 
@@ -834,15 +835,18 @@ class Segment:
 
         A host calls it with ``until=None``: it runs until nothing is queued
         or in flight (then gives the workers back), or for ``ctx.quantum()``
-        batches (then queues itself again). A consumer of ``map`` / ``stream``
-        calls it through :meth:`HostPool.help_one` with its own condition and
-        wake descriptor: one round, which returns after emitting results (the
-        consumer may have something to run or yield now) or once ``until()``
-        holds, queueing itself again while batches are in flight (the pool's
-        watcher hands it to a host if the consumer does not come back).
+        rounds of collecting results (then queues itself again). A consumer of
+        ``map`` / ``stream`` calls it through :meth:`HostPool.help_one` with its
+        own condition and wake descriptor: one round, which returns after
+        emitting results (the consumer may have something to run or yield now)
+        or once ``until()`` holds, queueing itself again while batches are in
+        flight (the pool's watcher hands it to a host if the consumer does not
+        come back). A consumer never waits for a worker to be free: if none is,
+        a host takes the pump over.
 
-        A batch with skipped or failed items goes the general way once the
-        workers are drained and given back.
+        A batch with skipped, failed or retried items is pipelined the same way:
+        those items are settled in the parent, the others go to a worker node by
+        node (``_prepare_special``), and its results are merged back in order.
         """
         pool = self.ctx.process_pool()
         key = self.pool_key or self._register_remote(pool)
@@ -857,7 +861,7 @@ class Segment:
         rounds = 0
         try:
             while True:
-                special, sent = self._pump_send(pool, key, held, block=not consumer)
+                sent = self._pump_send(pool, key, held, block=not consumer)
                 fdmap: dict[int, _Held] = {}
                 ready: list[_Held] = []
                 for h in held:
@@ -869,9 +873,6 @@ class Segment:
                             fdmap[fds[0]] = fdmap[fds[1]] = h
                 if not ready and not fdmap:  # nothing in flight
                     self._return_leases(held, every=True)
-                    if special:
-                        self._pump_special()
-                        continue
                     with self.lock:
                         if not self._pump_can_send():
                             self.running -= 1
@@ -906,56 +907,68 @@ class Segment:
         self.schedule(self)
 
     def _pump_can_send(self) -> bool:
-        # under the lock: a clean or special batch waits and may be taken now
+        # under the lock: a batch waits and may be taken now
         return bool(self.work) and not self.throttle and not self.cancelled
 
-    def _pump_send(
-        self, pool: Any, key: str, held: list[_Held], *, block: bool
-    ) -> tuple[bool, bool]:
-        """Send queued clean batches to held workers with room, leasing more workers
+    def _pump_send(self, pool: Any, key: str, held: list[_Held], *, block: bool) -> bool:
+        """Send queued batches (clean or special) to the held workers, leasing more
         (up to ``workers``; waiting for one only with ``block`` and none held).
-        Returns whether a special batch heads the queue (the pump then drains) and
-        whether anything was sent."""
+
+        An idle held worker comes first, then a free worker of the pool, and only
+        then the pipe of a busy one (send-ahead), so no worker idles while a
+        batch waits behind another. Returns whether anything was sent (or settled
+        in the parent)."""
         work = self.work
         head = self.stats[0]
         sent = False
         while True:
             with self.lock:
                 if not work or self.throttle or self.cancelled:
-                    return False, sent
-                if work[0][3]:
-                    return True, sent
-            target = None
+                    return sent
+            idle = busy = None
             for h in held:
                 if len(h.hand) < 2 and not h.returning:
                     if h.lease.due_back():
                         h.returning = True  # another node waits, or it is due for recycling
-                        continue
-                    target = h
-                    break
-            if target is None:
-                if len(held) >= self.workers:
-                    return False, sent
+                    elif not h.hand:
+                        idle = h
+                        break
+                    elif busy is None:
+                        busy = h
+            target = idle
+            if target is None and len(held) < self.workers:
                 lease = pool.try_lease(key)
                 if lease is None and block and not held:
                     lease = pool.lease(key)
-                if lease is None:
-                    return False, sent
-                target = _Held(lease, time.perf_counter())
-                held.append(target)
+                if lease is not None:
+                    target = _Held(lease, time.perf_counter())
+                    held.append(target)
+            if target is None:
+                target = busy
+            if target is None:
+                return sent
             woken: list[Segment] | None = None
             with self.lock:
-                if not work or work[0][3] or self.throttle or self.cancelled:
+                if not work or self.throttle or self.cancelled:
                     continue  # changed meanwhile: look again
-                ticket, ids, vals = work.popleft()[:3]
+                ticket, ids, vals, special = work.popleft()[:4]
                 woken = self._taken(len(vals))
             if woken is not None:
                 _unthrottle(woken)
-            target.hand.append((ticket, ids, vals, time.perf_counter()))
             head.in_flight += len(vals)
-            self._check_injected()
-            target.lease.send(vals)
             sent = True
+            prep = None
+            send = vals
+            if special:
+                prep = self._prepare_special(vals)
+                send = prep[2]
+                if not send:  # every item settled in the parent: nothing to run
+                    head.in_flight -= len(vals)
+                    self._pump_emit(ticket, *self._finish_special(ids, prep))
+                    continue
+            target.hand.append((ticket, ids, vals, time.perf_counter(), prep))
+            self._check_injected()
+            target.lease.send(send, fused=prep is None)
 
     def _pump_block(
         self,
@@ -965,7 +978,9 @@ class Segment:
         until: Callable[[], bool] | None,
     ) -> bool:
         """Wait until a held worker has results (append it to ``ready``: True), or a
-        delivery or the consumer's wake descriptor says to look again (False)."""
+        delivery or the consumer's wake descriptor says to look again (False).
+        Returns False at once, without waiting, when a queued batch can be sent
+        to a held worker (what ``_pump_send`` would take)."""
         waits = self.lease_waits
         assert waits is not None
         with self.lock:
@@ -1005,32 +1020,34 @@ class Segment:
         """Read the oldest batch of ``h`` back, count it and emit it (in ticket order)."""
         head = self.stats[0]
         values, fails = h.lease.wait()
-        ticket, ids, vals, sent_at = h.hand.popleft()
+        ticket, ids, vals, sent_at, prep = h.hand.popleft()
         # its own run time: from when the worker could start it (sent, and the batch
         # before it back) to its results
-        item_s = (now - max(sent_at, h.done_at)) / len(vals)
+        item_s = (now - max(sent_at, h.done_at)) / len(values)
         head.sample(item_s)
         self.item_s = item_s if self.item_s < 0 else 0.75 * self.item_s + 0.25 * item_s
         h.done_at = now
-        skipped = self._remote_results(ids, vals, values, fails, None, -1)
-        out_ids, out, out_special = ids, values, skipped > 0
-        if fails:
-            held_back = sum(1 for o in values if o is _PENDING)
-            out_ids, out = self._without_held(ids, values, held_back)
-            out_special = True
         head.in_flight -= len(vals)
-        try:
-            if self.workers == 1:
-                throttled = self.emit(out_ids, out, out_special) if out else 0
-                if throttled:
-                    with self.lock:
-                        self.throttle += throttled
-            else:
-                self._emit_in_order(ticket, (out_ids, out, out_special))
-        except Exception as exc:
-            raise _EmitFailed from exc
+        if prep is not None:
+            out_ids, out, out_special = self._finish_special(ids, prep, values, fails)
+        else:
+            skipped = self._remote_results(ids, vals, values, fails, None, -1)
+            out_ids, out, out_special = ids, values, skipped > 0
+            if fails:
+                held_back = sum(1 for o in values if o is _PENDING)
+                out_ids, out = self._without_held(ids, values, held_back)
+                out_special = True
+        self._pump_emit(ticket, out_ids, out, out_special)
         if not h.hand:
             self._return_leases([h], every=False)
+
+    def _pump_emit(self, ticket: int, ids: Any, out: list[Any], special: bool) -> None:
+        # in ticket order, whatever the number of workers: a special batch settled in
+        # the parent must not overtake batches still in a worker
+        try:
+            self._emit_in_order(ticket, (ids, out, special))
+        except Exception as exc:
+            raise _EmitFailed from exc
 
     def _return_leases(self, leases: list[_Held], *, every: bool) -> None:
         """Give back the workers of ``leases`` with nothing in flight that are due back,
@@ -1041,39 +1058,6 @@ class Segment:
                 continue
             held.remove(h)
             h.lease.release()
-
-    def _pump_special(self) -> None:
-        """The head of the queue has skipped or failed items: run it the general way
-        (the pump's workers are back in the pool: it may lease any)."""
-        head = self.stats[0]
-        with self.lock:
-            if not self.work or not self.work[0][3] or self.throttle or self.cancelled:
-                return
-            ticket, ids, vals, special, pin = self.work.popleft()
-            n = len(vals)
-            wake = self._taken(n)
-        if wake is not None:
-            _unthrottle(wake)
-        head.in_flight += n
-        try:
-            out_ids, out, out_special = self.process(ids, vals, special, pin)
-        except Exception:
-            with self.lock:
-                self.work.appendleft((ticket, ids, vals, special, pin))
-                self.queued += n
-            head.in_flight -= n
-            raise
-        head.in_flight -= n
-        try:
-            if self.workers == 1:
-                throttled = self.emit(out_ids, out, out_special) if out else 0
-                if throttled:
-                    with self.lock:
-                        self.throttle += throttled
-            else:
-                self._emit_in_order(ticket, (out_ids, out, out_special))
-        except Exception as exc:
-            raise _EmitFailed from exc
 
     def _pump_abandon(self, held: list[_Held]) -> None:
         """After an error in the pump: put the batches in flight back in the queue, in
@@ -1087,15 +1071,16 @@ class Segment:
         held.clear()
         head = self.stats[0]
         with self.lock:
-            for ticket, ids, vals, _sent in reversed(back):
-                self.work.appendleft((ticket, ids, vals, False, -1))
+            for ticket, ids, vals, _sent, prep in reversed(back):
+                self.work.appendleft((ticket, ids, vals, prep is not None, -1))
                 self.queued += len(vals)
                 head.in_flight -= len(vals)
             self.running -= 1
 
     def release_leases(self) -> None:
-        """Give back every worker the pump holds (the run stops; its batches are done
-        or cancelled)."""
+        """Give back every worker the pump holds, once the run's hosts are joined (a
+        cancelled run dropped its queued pump; a host that waited for one of these
+        workers got PoolClosed from ``ProcessPool.close()`` first)."""
         held = self.held_leases
         while held:
             h = held.pop()
@@ -1137,7 +1122,6 @@ class Segment:
         The common batch (no special input) goes as it is, and its results come
         back as one list: no per-item work in the parent.
         """
-        head = self.nodes[0]
         if not special:
             values, fails = self._remote_call(vals, pin)
             skipped = self._remote_results(ids, vals, values, fails, None, pin)
@@ -1146,6 +1130,21 @@ class Segment:
             held = sum(1 for o in values if o is _PENDING)
             kept_ids, kept = self._without_held(ids, values, held)
             return kept_ids, kept, True
+        prep = self._prepare_special(vals)
+        if not prep[2]:
+            return self._finish_special(ids, prep)
+        # special items (retries, parent-built arguments) take the per-node chain
+        values, fails = self._remote_call(prep[2], pin, fused=False)
+        return self._finish_special(ids, prep, values, fails, pin)
+
+    def _prepare_special(
+        self, vals: list[Any]
+    ) -> tuple[list[Any], list[int], list[Any], list[int]]:
+        """Settle a special batch's items in the parent where possible: a failed
+        input fails the item, a skipped one skips it (unless the function has a
+        default for it). Returns ``(out, send_at, send, attempts)``: the outputs
+        so far, and what still has to run in a worker (node by node)."""
+        head = self.nodes[0]
         out: list[Any] = [None] * len(vals)
         send_at: list[int] = []
         send: list[Any] = []
@@ -1170,10 +1169,22 @@ class Segment:
             send_at.append(j)
             send.append(v)
             attempts.append(attempt)
-        if send:
-            # special items (retries, parent-built arguments) take the per-node chain
-            values, fails = self._remote_call(send, pin, fused=False)
-            self._remote_results([ids[j] for j in send_at], send, values, fails, attempts, pin)
+        return out, send_at, send, attempts
+
+    def _finish_special(
+        self,
+        ids: Any,
+        prep: tuple[list[Any], list[int], list[Any], list[int]],
+        values: list[Any] | None = None,
+        fails: dict[int, Any] | None = None,
+        pin: int = -1,
+    ) -> tuple[Any, list[Any], bool]:
+        """Merge the worker's results for ``prep``'s items into its outputs."""
+        out, send_at, send, attempts = prep
+        if values is not None:
+            self._remote_results(
+                [ids[j] for j in send_at], send, values, fails or {}, attempts, pin
+            )
             for j, v in zip(send_at, values, strict=True):
                 out[j] = v
         held = sum(1 for o in out if o is _PENDING)

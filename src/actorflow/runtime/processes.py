@@ -1632,7 +1632,12 @@ class ProcessPool:
         return group, batch_id, self._send(slot, message, len(group), batch_id)
 
     def _send_ahead(
-        self, slot: _Slot, target: _Target, batch: _Batch, fails: dict[int, Outcome]
+        self,
+        slot: _Slot,
+        target: _Target,
+        batch: _Batch,
+        fails: dict[int, Outcome],
+        fused: bool = True,
     ) -> tuple[tuple[Sequence[int], int, _Exchange] | None, Any]:
         """Send a lease's next batch while the worker still runs the previous one.
 
@@ -1652,7 +1657,7 @@ class ProcessPool:
         if size + _FRAMING_BYTES > slot.pipe_bytes:
             return None, encoded
         batch_id = next(self._batch_ids)
-        message = self._request(slot, target, batch_id, False, batch.bulk, group, items)
+        message = self._request(slot, target, batch_id, False, fused and batch.bulk, group, items)
         ex = _Exchange([_NOT_BACK] * len(group), {})
         try:
             slot.to_worker.send_bytes(message)
@@ -2268,6 +2273,20 @@ class ProcessPool:
             )
         return out
 
+    def close(self) -> None:
+        """Take no new calls or leases: threads waiting for a worker get
+        :class:`PoolClosed` now (a cancelled run's hosts must not wait for workers
+        that nobody will give back). Calls and leases in progress go on.
+
+        Example::
+
+            pool.close()
+            pool.shutdown(kill=True)
+        """
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
     def shutdown(self, *, kill: bool = False) -> None:
         """Stop every worker and join it; idempotent.
 
@@ -2325,8 +2344,8 @@ class Lease:
         self._pool = pool
         self._slot: _Slot | None = slot
         self._target = target
-        # (batch, fails, timeout, sent, encoded, worker start count when sent)
-        self._pending: deque[tuple[_Batch, dict[int, Outcome], float | None, Any, Any, int]]
+        # (batch, fails, timeout, sent, encoded, worker start count when sent, fused)
+        self._pending: deque[tuple[_Batch, dict[int, Outcome], float | None, Any, Any, int, bool]]
         self._pending = deque()
         self._checks = 0  # due_back() calls (the RSS check is rate-limited)
 
@@ -2341,8 +2360,12 @@ class Lease:
         """Batches sent and not yet waited for (0, 1 or 2)."""
         return len(self._pending)
 
-    def send(self, items: Sequence[Any], *, timeout: float | None = None) -> None:
-        """Encode and send a batch (at most two may be in flight)."""
+    def send(
+        self, items: Sequence[Any], *, timeout: float | None = None, fused: bool = True
+    ) -> None:
+        """Encode and send a batch (at most two may be in flight). ``fused=False``:
+        the worker runs the chain node by node, not its generated loop (items
+        whose arguments the parent built, see ``ProcessPool.run_batch``)."""
         slot = self._slot
         if slot is None:
             raise RuntimeError("this lease was released")
@@ -2358,15 +2381,15 @@ class Lease:
             try:
                 if not self._pending:
                     group = range(len(batch.items))
-                    sent = pool._send_group(slot, self._target, batch, group, fails, timeout)
+                    sent = pool._send_group(slot, self._target, batch, group, fails, timeout, fused)
                 elif timeout is None and self._pending[0][3] is not None:
                     # behind a batch the worker has (in order); not a timed batch:
                     # its clock must start when it runs
-                    sent, encoded = pool._send_ahead(slot, self._target, batch, fails)
+                    sent, encoded = pool._send_ahead(slot, self._target, batch, fails, fused)
             except BaseException:
                 self._break()
                 raise
-        self._pending.append((batch, fails, timeout, sent, encoded, slot.starts))
+        self._pending.append((batch, fails, timeout, sent, encoded, slot.starts, fused))
 
     def ready(self, wake: WakeFd) -> bool:
         """Block until the oldest batch's results can be read (or its worker died):
@@ -2437,7 +2460,7 @@ class Lease:
         slot, pending = self._slot, self._pending
         if slot is None or not pending:
             raise RuntimeError("no batch in flight on this lease")
-        batch, fails, timeout, sent, encoded, starts = pending.popleft()
+        batch, fails, timeout, sent, encoded, starts, fused = pending.popleft()
         if batch.items:
             pool = self._pool
             try:
@@ -2455,9 +2478,9 @@ class Lease:
                 elif encoded is not None:  # sent ahead when the worker is free
                     group = range(len(batch.items))
                     sent = pool._send_group(
-                        slot, self._target, batch, group, fails, timeout, encoded=encoded
+                        slot, self._target, batch, group, fails, timeout, fused, encoded=encoded
                     )
-                pool._drive(slot, self._target, batch, fails, timeout, in_flight=sent)
+                pool._drive(slot, self._target, batch, fails, timeout, in_flight=sent, fused=fused)
             except BaseException:
                 self._break()
                 raise

@@ -353,8 +353,8 @@ class RunningFlow(RunContext):
         self._segments = [Segment(sp, self, schedule, capacity) for sp in plan.segments]
         self._sink = _Sink(self, plan)
         # read-ahead chunks (blocks) small enough that every worker a process node's
-        # pump keeps busy holds two batches: each block is one batch for one worker,
-        # so one slow worker never holds back the blocks of the other
+        # pump keeps busy holds two of them: a pump sends a block of quick items
+        # whole, to one worker, so no block waits for the slower of two workers
         pumped = sum(seg.workers for seg in self._segments if seg.pumped)
         self._chunk_div = max(_CAP_DIV, 2 * pumped)
         segments, sink = self._segments, self._sink
@@ -886,6 +886,8 @@ class RunningFlow(RunContext):
 
     def on_segment_crash(self, segment: Segment, exc: Exception) -> None:
         """Supervisor: restart the node (and, by strategy, its downstream) or escalate."""
+        if segment.cancelled:
+            return  # the run is being cancelled: the error is its doing (PoolClosed)
         sup = self._supervision
         now = time.monotonic()
         with self._lock:
@@ -1059,6 +1061,10 @@ class RunningFlow(RunContext):
                 for seg in self._segments:
                     seg.cancel()
                 self._pool.cancel_queued()
+                if self._processes is not None:
+                    # a host waiting for a worker that a dropped pump holds must not
+                    # wait for ever: it gets PoolClosed (ignored: its node is cancelled)
+                    self._processes.close()
             with self._lock:
                 blocks = list(self._blocks.values())
                 self._blocks.clear()
