@@ -475,9 +475,11 @@ def test_stop_without_drain_in_the_middle_of_a_stream_leaves_no_worker() -> None
             if got == 5:
                 running.stop(drain=False)  # batches are in flight in both workers
                 break
+        metrics = running.metrics()["slowish"]
     assert got == 5
     assert worker_pids
     assert _workers_alive(worker_pids) == []
+    assert metrics.in_flight == 0  # the batches the workers had are not in flight any more
 
 
 def test_slow_items_are_spread_evenly_over_the_workers() -> None:

@@ -824,3 +824,69 @@ def test_retries_of_a_pumped_process_node_complete_in_a_stream(tmp_path: Any) ->
         m = running.metrics()["fails_once"]
     assert out == list(range(64))
     assert (m.done, m.retried, m.failed) == (64, 64, 0)
+
+
+def test_arguments_that_cannot_be_built_fail_the_item_at_a_pumped_node() -> None:
+    # a skipped input makes the parent build the call's arguments; a missing key
+    # there raised inside the pump after it had taken the batch: batch lost, the
+    # stream hung (second review of the pump)
+    @af.task
+    def record(x: int) -> dict[str, int]:
+        return {"k": x} if x != 1 else {}
+
+    @af.task
+    def maybe(x: int) -> Any:
+        return af.SKIP if x == 1 else x
+
+    @af.task(executor="process")
+    def first_key(k: int, items: list[Any]) -> int:
+        return k
+
+    @af.flow
+    def f(x: int) -> Any:
+        return first_key(record(x)["k"], [maybe(x)])
+
+    with f.start(processes=1, max_in_flight=4) as running:
+        out = sorted(running.stream(range(12)))
+        m = running.metrics()["first_key"]
+        dead = running.dead_letters()
+    assert out == [x for x in range(12) if x != 1]
+    assert [(d.task, d.item_id, d.error_type) for d in dead] == [("first_key", 1, "KeyError")]
+    assert (m.failed, m.in_flight) == (1, 0)
+
+
+def test_a_pump_gives_back_an_idle_worker_that_another_node_waits_for(tmp_path: Any) -> None:
+    # `slow_or_quick` holds both workers; its quick item is done while the slow one
+    # runs, which waits for `unblock` (another node) to run: the pump must give the
+    # idle worker back before it waits, or this never finishes (second review)
+    fifo = str(tmp_path / "fifo")
+    os.mkfifo(fifo)
+
+    @af.task(executor="process", workers=2)
+    def slow_or_quick(x: int) -> int:
+        if x == 0:
+            with open(fifo) as f:  # blocks until `unblock` writes
+                f.read()
+        return x
+
+    @af.task
+    async def later(x: int) -> int:
+        import asyncio
+
+        await asyncio.sleep(0.05)  # reaches `unblock` once the pump holds both workers
+        return x
+
+    @af.task(executor="process")
+    def unblock(x: int) -> int:
+        if x == 0:
+            with open(fifo, "w") as f:
+                f.write("go")
+        return x
+
+    @af.flow
+    def f(x: int) -> Any:
+        return {"a": slow_or_quick(x), "b": unblock(later(x))}
+
+    with f.start(processes=2, max_in_flight=8) as running:
+        assert running.submit(5).result(60) == {"a": 5, "b": 5}
+        assert list(running.map([0, 1])) == [{"a": 0, "b": 0}, {"a": 1, "b": 1}]

@@ -286,6 +286,10 @@ class Edge:
         self.sent_items = 0
 
 
+# a special batch prepared in the parent: (out, send_at, send, attempts, skipped)
+_Prepared = tuple[list[Any], list[int], list[Any], list[int], int]
+
+
 class _Held:
     """One worker leased by a pumped segment, and its batches in flight, oldest first:
     ``(ticket, ids, vals, sent_at, prep)``; ``prep`` is None for a clean batch, else
@@ -885,6 +889,9 @@ class Segment:
                 if not ready:
                     if until is not None and until():
                         break
+                    # a held worker with nothing in flight goes back before we wait:
+                    # another node may be waiting for it
+                    self._return_leases(held, every=True)
                     if not self._pump_block(fdmap, ready, wake, until):
                         continue  # woken by a delivery (or the consumer's condition)
                 now = clock()
@@ -950,7 +957,9 @@ class Segment:
             woken: list[Segment] | None = None
             with self.lock:
                 if not work or self.throttle or self.cancelled:
-                    continue  # changed meanwhile: look again
+                    # changed meanwhile: look again (a worker leased for it and left
+                    # idle goes back before the pump waits)
+                    continue
                 ticket, ids, vals, special = work.popleft()[:4]
                 woken = self._taken(len(vals))
             if woken is not None:
@@ -960,7 +969,7 @@ class Segment:
             prep = None
             send = vals
             if special:
-                prep = self._prepare_special(vals)
+                prep = self._prepare_special(ids, vals)
                 send = prep[2]
                 if not send:  # every item settled in the parent: nothing to run
                     head.in_flight -= len(vals)
@@ -1082,8 +1091,11 @@ class Segment:
         cancelled run dropped its queued pump; a host that waited for one of these
         workers got PoolClosed from ``ProcessPool.close()`` first)."""
         held = self.held_leases
+        head = self.stats[0]
         while held:
             h = held.pop()
+            for entry in h.hand:  # cancelled with the run: no longer in flight
+                head.in_flight -= len(entry[2])
             h.hand.clear()
             with contextlib.suppress(Exception):
                 h.lease.release()
@@ -1130,57 +1142,71 @@ class Segment:
             held = sum(1 for o in values if o is _PENDING)
             kept_ids, kept = self._without_held(ids, values, held)
             return kept_ids, kept, True
-        prep = self._prepare_special(vals)
+        prep = self._prepare_special(ids, vals)
         if not prep[2]:
             return self._finish_special(ids, prep)
         # special items (retries, parent-built arguments) take the per-node chain
         values, fails = self._remote_call(prep[2], pin, fused=False)
         return self._finish_special(ids, prep, values, fails, pin)
 
-    def _prepare_special(
-        self, vals: list[Any]
-    ) -> tuple[list[Any], list[int], list[Any], list[int]]:
+    def _prepare_special(self, ids: Any, vals: list[Any]) -> _Prepared:
         """Settle a special batch's items in the parent where possible: a failed
         input fails the item, a skipped one skips it (unless the function has a
-        default for it). Returns ``(out, send_at, send, attempts)``: the outputs
-        so far, and what still has to run in a worker (node by node)."""
+        default for it), arguments that cannot be built (a missing key) fail it.
+        Returns ``(out, send_at, send, attempts, skipped)``: the outputs so far,
+        what still has to run in a worker (node by node), and how many items
+        were skipped (counted when the batch is finished, not here: a batch put
+        back after an internal error is prepared again). Never raises for an
+        item, so a batch taken off the queue is never lost."""
         head = self.nodes[0]
         out: list[Any] = [None] * len(vals)
         send_at: list[int] = []
         send: list[Any] = []
         attempts: list[int] = []
+        skipped = 0
         for j, value in enumerate(vals):
             attempt = 1
             v = value
             if type(v) is _Resume:
                 attempt, v = v.attempt, v.v
-            ports = v if self.n_ports > 1 else (v,)
-            failed = [p for p in ports if type(p) is Failed]
-            if failed:
-                out[j] = Failed.merge(failed) if len(failed) > 1 else failed[0]
-                continue
-            if any(p is SKIP for p in ports[: head.n_data]):
-                args = _build_args(head, ports)
-                if args is None:
-                    self.stats[0].skipped += 1
-                    out[j] = SKIP
+            if type(v) is not _ArgsCall:  # a retry of built arguments: send them again
+                ports = v if self.n_ports > 1 else (v,)
+                failed = [p for p in ports if type(p) is Failed]
+                if failed:
+                    out[j] = Failed.merge(failed) if len(failed) > 1 else failed[0]
                     continue
-                v = _ArgsCall(args[0], args[1])
+                if any(p is SKIP for p in ports[: head.n_data]):
+                    try:
+                        args = _build_args(head, ports)
+                    except Exception as exc:
+                        failure = Failure.capture(
+                            exc, task=head.name, item_id=ids[j], run_id=self.ctx.run_id
+                        )
+                        self.stats[0].failed += 1
+                        self.ctx.on_task_failed(failure)
+                        out[j] = Failed((failure,))
+                        continue
+                    if args is None:
+                        skipped += 1
+                        out[j] = SKIP
+                        continue
+                    v = _ArgsCall(args[0], args[1])
             send_at.append(j)
             send.append(v)
             attempts.append(attempt)
-        return out, send_at, send, attempts
+        return out, send_at, send, attempts, skipped
 
     def _finish_special(
         self,
         ids: Any,
-        prep: tuple[list[Any], list[int], list[Any], list[int]],
+        prep: _Prepared,
         values: list[Any] | None = None,
         fails: dict[int, Any] | None = None,
         pin: int = -1,
     ) -> tuple[Any, list[Any], bool]:
         """Merge the worker's results for ``prep``'s items into its outputs."""
-        out, send_at, send, attempts = prep
+        out, send_at, send, attempts, skipped = prep
+        self.stats[0].skipped += skipped
         if values is not None:
             self._remote_results(
                 [ids[j] for j in send_at], send, values, fails or {}, attempts, pin
@@ -1607,6 +1633,8 @@ class Segment:
             self.next_ticket += 1
             self.queued += 1
             runners = self._claim_runners()
+            if self.lease_waits:  # a pump waiting for its workers sends it now
+                self.lease_waits.pop().signal()
         for _ in range(runners):
             self.schedule(self)
 

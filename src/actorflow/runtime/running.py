@@ -887,7 +887,9 @@ class RunningFlow(RunContext):
     def on_segment_crash(self, segment: Segment, exc: Exception) -> None:
         """Supervisor: restart the node (and, by strategy, its downstream) or escalate."""
         if segment.cancelled:
-            return  # the run is being cancelled: the error is its doing (PoolClosed)
+            # the run is being cancelled: a cancelled node is not restarted (its
+            # error is most likely the cancellation's: PoolClosed from stop())
+            return
         sup = self._supervision
         now = time.monotonic()
         with self._lock:
@@ -1049,15 +1051,19 @@ class RunningFlow(RunContext):
         """
         if self._stopped:
             return
+        drained = False
         try:
             if drain:
                 self.drain()
+                drained = True
         finally:
             self._stopped = True
             cancelled = ActorflowError(
                 f"running flow {self.name!r} was stopped before this item finished"
             )
-            if not drain or self._fatal is not None:
+            # a drain interrupted (Ctrl-C) cancels too: hosts are joined below, and one
+            # waiting for a worker that a dropped pump holds would wait for ever
+            if not drained or self._fatal is not None:
                 for seg in self._segments:
                     seg.cancel()
                 self._pool.cancel_queued()
