@@ -890,3 +890,35 @@ def test_a_pump_gives_back_an_idle_worker_that_another_node_waits_for(tmp_path: 
     with f.start(processes=2, max_in_flight=8) as running:
         assert running.submit(5).result(60) == {"a": 5, "b": 5}
         assert list(running.map([0, 1])) == [{"a": 0, "b": 0}, {"a": 1, "b": 1}]
+
+
+def test_a_fresh_workers_hello_is_not_taken_for_its_results(tmp_path: Any) -> None:
+    # the pump polled a just-started worker's pipe, found its hello and waited for
+    # that worker's whole first batch: the other worker's results waited too
+    # (third review of the pump)
+    fifo = str(tmp_path / "fifo")
+    os.mkfifo(fifo)
+
+    @af.task(executor="process", workers=2)
+    def gated(x: int) -> int:
+        if x == 1:
+            with open(fifo) as f:  # blocks until the test lets it go
+                f.read()
+        elif x == 2:
+            time.sleep(0.2)  # still running when item 1 is sent to the other worker
+        return x
+
+    @af.flow
+    def f(x: int) -> Any:
+        return gated(x)
+
+    with f.start(processes=2) as running:
+        assert running.submit(0).result(60) == 0  # one worker warm
+        quick = running.submit(2)  # to the warm worker
+        slow = running.submit(1)  # to the other one, which starts now
+        try:
+            assert quick.result(30) == 2  # while the other worker's batch still runs
+        finally:
+            with open(fifo, "w") as f:
+                f.write("go")
+        assert slow.result(60) == 1

@@ -286,8 +286,9 @@ class Edge:
         self.sent_items = 0
 
 
-# a special batch prepared in the parent: (out, send_at, send, attempts, skipped)
-_Prepared = tuple[list[Any], list[int], list[Any], list[int], int]
+# a special batch prepared in the parent: (out, send_at, send, attempts, skipped,
+# failures of arguments that could not be built)
+_Prepared = tuple[list[Any], list[int], list[Any], list[int], int, list[Failure]]
 
 
 class _Held:
@@ -892,7 +893,7 @@ class Segment:
                     # a held worker with nothing in flight goes back before we wait:
                     # another node may be waiting for it
                     self._return_leases(held, every=True)
-                    if not self._pump_block(fdmap, ready, wake, until):
+                    if not self._pump_block(pool, fdmap, ready, wake, until):
                         continue  # woken by a delivery (or the consumer's condition)
                 now = clock()
                 for h in ready:
@@ -981,6 +982,7 @@ class Segment:
 
     def _pump_block(
         self,
+        pool: Any,
         fdmap: dict[int, _Held],
         ready: list[_Held],
         wake: Any,
@@ -989,12 +991,16 @@ class Segment:
         """Wait until a held worker has results (append it to ``ready``: True), or a
         delivery or the consumer's wake descriptor says to look again (False).
         Returns False at once, without waiting, when a queued batch can be sent
-        to a held worker (what ``_pump_send`` would take)."""
+        to a held worker or to a free worker of the pool (what ``_pump_send``
+        would take). A fresh worker's hello is read here, not taken for
+        results (collecting would then wait for its whole first batch)."""
         waits = self.lease_waits
         assert waits is not None
+        held = self.held_leases
         with self.lock:
-            if self._pump_can_send() and any(
-                len(h.hand) < 2 and not h.returning for h in self.held_leases
+            if self._pump_can_send() and (
+                any(len(h.hand) < 2 and not h.returning for h in held)
+                or (len(held) < self.workers and pool.has_free())
             ):
                 return False  # something to send first
             waits.append(wake)  # a delivery signals us
@@ -1019,6 +1025,8 @@ class Segment:
                 woken = True
                 continue
             h = fdmap[fd]
+            if h.lease.read_hello():
+                continue  # a fresh worker said hello: its results are still to come
             if h not in ready:
                 ready.append(h)
         if woken:
@@ -1153,17 +1161,19 @@ class Segment:
         """Settle a special batch's items in the parent where possible: a failed
         input fails the item, a skipped one skips it (unless the function has a
         default for it), arguments that cannot be built (a missing key) fail it.
-        Returns ``(out, send_at, send, attempts, skipped)``: the outputs so far,
-        what still has to run in a worker (node by node), and how many items
-        were skipped (counted when the batch is finished, not here: a batch put
-        back after an internal error is prepared again). Never raises for an
-        item, so a batch taken off the queue is never lost."""
+        Returns ``(out, send_at, send, attempts, skipped, failures)``: the
+        outputs so far, what still has to run in a worker (node by node), and
+        the items skipped and failed here (counted and reported when the batch
+        is finished, not here: a batch put back after an internal error is
+        prepared again). Never raises for an item, so a batch taken off the
+        queue is never lost."""
         head = self.nodes[0]
         out: list[Any] = [None] * len(vals)
         send_at: list[int] = []
         send: list[Any] = []
         attempts: list[int] = []
         skipped = 0
+        failures: list[Failure] = []
         for j, value in enumerate(vals):
             attempt = 1
             v = value
@@ -1182,8 +1192,7 @@ class Segment:
                         failure = Failure.capture(
                             exc, task=head.name, item_id=ids[j], run_id=self.ctx.run_id
                         )
-                        self.stats[0].failed += 1
-                        self.ctx.on_task_failed(failure)
+                        failures.append(failure)
                         out[j] = Failed((failure,))
                         continue
                     if args is None:
@@ -1194,7 +1203,7 @@ class Segment:
             send_at.append(j)
             send.append(v)
             attempts.append(attempt)
-        return out, send_at, send, attempts, skipped
+        return out, send_at, send, attempts, skipped, failures
 
     def _finish_special(
         self,
@@ -1205,8 +1214,11 @@ class Segment:
         pin: int = -1,
     ) -> tuple[Any, list[Any], bool]:
         """Merge the worker's results for ``prep``'s items into its outputs."""
-        out, send_at, send, attempts, skipped = prep
+        out, send_at, send, attempts, skipped, failures = prep
         self.stats[0].skipped += skipped
+        for failure in failures:
+            self.stats[0].failed += 1
+            self.ctx.on_task_failed(failure)
         if values is not None:
             self._remote_results(
                 [ids[j] for j in send_at], send, values, fails or {}, attempts, pin

@@ -1703,6 +1703,10 @@ class ProcessPool:
         slot = self._acquire(None, target.code_key, code.version, block=False)
         return None if slot is None else Lease(self, slot, target)
 
+    def has_free(self) -> bool:
+        """Whether some worker is free right now (a hint: another thread may take it)."""
+        return any(not slot.busy for slot in self._slots)
+
     def contended(self) -> bool:
         """Whether some thread waits for a free worker (a lease holder should give
         its worker back soon)."""
@@ -2435,6 +2439,17 @@ class Lease:
         if ex.fate != "done" or ex.count >= len(ex.back):
             return None
         return slot.conn_fd, slot.sentinel_fd
+
+    def read_hello(self) -> bool:
+        """If the worker has not said hello yet, read its hello (call it when its
+        result pipe is readable): True. A fresh worker sends it first, so a poll on
+        the pipe would otherwise take it for results. False when the hello was
+        read before, or when the worker died (then :meth:`wait` tells)."""
+        slot = self._slot
+        if slot is None or slot.ready or slot.from_worker is None:
+            return False
+        # False on EOF: it died, and wait() reports it
+        return self._pool._receive(slot, slot.from_worker, -1, None, 0)
 
     def due_back(self) -> bool:
         """Whether the holder should give the worker back once its batches are in:
