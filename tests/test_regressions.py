@@ -864,9 +864,8 @@ def test_a_pump_gives_back_an_idle_worker_that_another_node_waits_for(tmp_path: 
 
     @af.task(executor="process", workers=2)
     def slow_or_quick(x: int) -> int:
-        if x == 0:
-            with open(fifo) as f:  # blocks until `unblock` writes
-                f.read()
+        if x == 0 and not _await_fifo(fifo):  # until `unblock` writes (or 30 s)
+            return -1
         return x
 
     @af.task
@@ -922,3 +921,56 @@ def test_a_fresh_workers_hello_is_not_taken_for_its_results(tmp_path: Any) -> No
             with open(fifo, "w") as f:
                 f.write("go")
         assert slow.result(60) == 1
+
+
+def test_a_worker_given_back_goes_to_the_node_waiting_for_it(tmp_path: Any) -> None:
+    # a pump gave a worker back to a node waiting for one and took it back itself
+    # a moment later: both workers then ran items waiting for that node (deadlock;
+    # fourth review of the pump)
+    fifos = {x: str(tmp_path / f"fifo{x}") for x in (0, 4)}
+    for path in fifos.values():
+        os.mkfifo(path)
+
+    @af.task(executor="process", workers=2)
+    def needs_b(x: int) -> int:
+        if x in fifos and not _await_fifo(fifos[x]):  # until b(x) has run (or 30 s)
+            return -1
+        if x == 1:
+            time.sleep(0.3)
+        return x
+
+    @af.task
+    async def later(x: int) -> int:
+        import asyncio
+
+        await asyncio.sleep(0.1)
+        return x
+
+    @af.task(executor="process")
+    def b(x: int) -> int:
+        if x in fifos:
+            with open(fifos[x], "w") as f:
+                f.write("go")
+        return x
+
+    @af.flow
+    def f(x: int) -> Any:
+        return {"a": needs_b(x), "b": b(later(x))}
+
+    with f.start(processes=2, max_in_flight=16) as running:
+        futures = [running.submit(x) for x in range(5)]
+        assert [fut.result(60) for fut in futures] == [{"a": x, "b": x} for x in range(5)]
+
+
+def _await_fifo(path: str, timeout: float = 30.0) -> bool:
+    """In a worker: wait until someone writes to the FIFO at ``path``; False after
+    ``timeout`` (so a regression fails its test instead of hanging the run)."""
+    import os
+    import select
+
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        readable, _, _ = select.select([fd], [], [], timeout)
+        return bool(readable)
+    finally:
+        os.close(fd)

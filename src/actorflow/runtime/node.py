@@ -1000,7 +1000,7 @@ class Segment:
         with self.lock:
             if self._pump_can_send() and (
                 any(len(h.hand) < 2 and not h.returning for h in held)
-                or (len(held) < self.workers and pool.has_free())
+                or (len(held) < self.workers and pool.has_free() and not pool.contended())
             ):
                 return False  # something to send first
             waits.append(wake)  # a delivery signals us

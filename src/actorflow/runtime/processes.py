@@ -1687,7 +1687,9 @@ class ProcessPool:
         return Lease(self, self._acquire(None, target.code_key, code.version), target)
 
     def try_lease(self, key: str) -> Lease | None:
-        """Like :meth:`lease`, but None at once when no worker is free.
+        """Like :meth:`lease`, but None at once when no worker is free, or when
+        another thread already waits for one (a worker just given back goes to
+        that thread, not back to the holder that gave it up).
 
         Example::
 
@@ -1700,6 +1702,8 @@ class ProcessPool:
         if code is None:
             raise KeyError(f"no chain {key!r} is registered in process pool {self.name!r}")
         target = _Target(_RUN, key, code)
+        if self._acquiring:
+            return None
         slot = self._acquire(None, target.code_key, code.version, block=False)
         return None if slot is None else Lease(self, slot, target)
 
