@@ -804,12 +804,7 @@ class Segment:
                     # the batch before it back) to its results
                     head.sample((now - max(sent_at.pop(0), done_at)) / len(vals))
                     done_at = now
-                    skipped = self._remote_results(ids, vals, values, fails, None, -1)
-                    out_ids, out, out_special = ids, values, skipped > 0
-                    if fails:
-                        held = sum(1 for o in values if o is _PENDING)
-                        out_ids, out = self._without_held(ids, values, held)
-                        out_special = True
+                    out_ids, out, out_special = self._clean_outputs(ids, vals, values, fails)
                     del in_hand[0]
                     head.in_flight -= len(vals)
                     try:
@@ -1048,12 +1043,7 @@ class Segment:
         if prep is not None:
             out_ids, out, out_special = self._finish_special(ids, prep, values, fails)
         else:
-            skipped = self._remote_results(ids, vals, values, fails, None, -1)
-            out_ids, out, out_special = ids, values, skipped > 0
-            if fails:
-                held_back = sum(1 for o in values if o is _PENDING)
-                out_ids, out = self._without_held(ids, values, held_back)
-                out_special = True
+            out_ids, out, out_special = self._clean_outputs(ids, vals, values, fails)
         self._pump_emit(ticket, out_ids, out, out_special)
         if not h.hand:
             self._return_leases([h], every=False)
@@ -1144,18 +1134,25 @@ class Segment:
         """
         if not special:
             values, fails = self._remote_call(vals, pin)
-            skipped = self._remote_results(ids, vals, values, fails, None, pin)
-            if not fails:
-                return ids, values, skipped > 0
-            held = sum(1 for o in values if o is _PENDING)
-            kept_ids, kept = self._without_held(ids, values, held)
-            return kept_ids, kept, True
+            return self._clean_outputs(ids, vals, values, fails, pin)
         prep = self._prepare_special(ids, vals)
         if not prep[2]:
             return self._finish_special(ids, prep)
         # special items (retries, parent-built arguments) take the per-node chain
         values, fails = self._remote_call(prep[2], pin, fused=False)
         return self._finish_special(ids, prep, values, fails, pin)
+
+    def _clean_outputs(
+        self, ids: Any, vals: list[Any], values: list[Any], fails: dict[int, Any], pin: int = -1
+    ) -> tuple[Any, list[Any], bool]:
+        """A clean batch's remote results as ``(ids, outputs, special)``: counted,
+        failures turned into retries (held back) or ``Failed`` values."""
+        skipped = self._remote_results(ids, vals, values, fails, None, pin)
+        if not fails:
+            return ids, values, skipped > 0
+        held = sum(1 for o in values if o is _PENDING)
+        kept_ids, kept = self._without_held(ids, values, held)
+        return kept_ids, kept, True
 
     def _prepare_special(self, ids: Any, vals: list[Any]) -> _Prepared:
         """Settle a special batch's items in the parent where possible: a failed
