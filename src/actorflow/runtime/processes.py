@@ -1708,12 +1708,24 @@ class ProcessPool:
         return None if slot is None else Lease(self, slot, target)
 
     def has_free(self) -> bool:
-        """Whether some worker is free right now (a hint: another thread may take it)."""
+        """Whether some worker is free right now (a hint: another thread may take it).
+
+        Example::
+
+            if pool.has_free() and not pool.contended():
+                lease = pool.try_lease("parse_keep")  # most likely a lease
+        """
         return any(not slot.busy for slot in self._slots)
 
     def contended(self) -> bool:
         """Whether some thread waits for a free worker (a lease holder should give
-        its worker back soon)."""
+        its worker back soon).
+
+        Example::
+
+            if pool.contended():
+                lease.release()  # once its batches are back
+        """
         return self._acquiring > 0
 
     def _request(
@@ -2448,7 +2460,13 @@ class Lease:
         """If the worker has not said hello yet, read its hello (call it when its
         result pipe is readable): True. A fresh worker sends it first, so a poll on
         the pipe would otherwise take it for results. False when the hello was
-        read before, or when the worker died (then :meth:`wait` tells)."""
+        read before, or when the worker died (then :meth:`wait` tells).
+
+        Example::
+
+            if lease.read_hello():
+                ...  # not results yet: poll the pipe again
+        """
         slot = self._slot
         if slot is None or slot.ready or slot.from_worker is None:
             return False
@@ -2459,7 +2477,13 @@ class Lease:
         """Whether the holder should give the worker back once its batches are in:
         another thread waits for a worker, or the worker is due for recycling
         (``max_tasks_per_worker``; ``max_worker_rss_mb`` is read at most every
-        ``_RSS_CHECK_EVERY`` calls)."""
+        ``_RSS_CHECK_EVERY`` calls).
+
+        Example::
+
+            if lease.due_back():
+                ...  # send it nothing more; release it once its batches are in
+        """
         slot, pool = self._slot, self._pool
         if slot is None:
             return True
