@@ -878,8 +878,7 @@ def test_a_pump_gives_back_an_idle_worker_that_another_node_waits_for(tmp_path: 
     @af.task(executor="process")
     def unblock(x: int) -> int:
         if x == 0:
-            with open(fifo, "w") as f:
-                f.write("go")
+            _signal_fifo(fifo)
         return x
 
     @af.flow
@@ -918,8 +917,7 @@ def test_a_fresh_workers_hello_is_not_taken_for_its_results(tmp_path: Any) -> No
         try:
             assert quick.result(30) == 2  # while the other worker's batch still runs
         finally:
-            with open(fifo, "w") as f:
-                f.write("go")
+            _signal_fifo(fifo)
         assert slow.result(60) == 1
 
 
@@ -949,8 +947,7 @@ def test_a_worker_given_back_goes_to_the_node_waiting_for_it(tmp_path: Any) -> N
     @af.task(executor="process")
     def b(x: int) -> int:
         if x in fifos:
-            with open(fifos[x], "w") as f:
-                f.write("go")
+            _signal_fifo(fifos[x])
         return x
 
     @af.flow
@@ -974,3 +971,9 @@ def _await_fifo(path: str, timeout: float = 30.0) -> bool:
         return bool(readable)
     finally:
         os.close(fd)
+
+
+def _signal_fifo(path: str) -> None:
+    """Let the reader of the FIFO at ``path`` go (blocks until it has opened it)."""
+    with open(path, "w") as f:
+        f.write("go")

@@ -187,7 +187,7 @@ class HostPool:
                     elif self._helpers:
                         # a helper runs a job meanwhile and may block in it: the
                         # watcher must poll (it is not woken per job)
-                        self._ensure_watching(job.pumped)
+                        self._ensure_watching()
                 elif self.n_hosts == 0:
                     spawn = True
                     self.n_hosts += 1
@@ -402,7 +402,7 @@ class HostPool:
                 if ready or self._timers:
                     # others wait while this thread runs a job it may block in: someone
                     # must see a stall (and fire timers); the watcher polls while jobs wait
-                    self._ensure_watching(self._stall_limit() > self.stall_s)
+                    self._ensure_watching()
                 self._helper_jobs[key] = job
                 self.lock.release()
                 try:
@@ -473,7 +473,7 @@ class HostPool:
             if ready:
                 # only jobs this call may not run: a pump this thread queued, while it
                 # waits for something else (room for its items): a host must take it
-                self._ensure_watching(self._stall_limit() > self.stall_s)
+                self._ensure_watching()
         return False  # only jobs that mostly wait (process runners): hosts take them
 
     def helping(self, on: bool) -> None:
@@ -494,7 +494,7 @@ class HostPool:
         if not on and self.ready:
             with self.lock:
                 if self.ready and not self.closed:
-                    self._ensure_watching(self._stall_limit() > self.stall_s)
+                    self._ensure_watching()
 
     def notify(self) -> None:
         """Wake whoever waits in :meth:`wait` (e.g. an item completed)."""
@@ -502,9 +502,10 @@ class HostPool:
             self._poked = True
             self.cond.notify_all()
 
-    def _ensure_watching(self, pumped: bool = False) -> None:
-        # under the lock: jobs wait (only pumps, with ``pumped``), so the watcher must
-        # run and poll often enough (it sleeps without a timeout while nothing waits)
+    def _ensure_watching(self) -> None:
+        # under the lock: jobs wait, so the watcher must run and poll often enough (it
+        # sleeps without a timeout while nothing waits); only pumps may wait longer
+        pumped = self._stall_limit() > self.stall_s
         if pumped:
             # a consumer queues its pump again after every round: keep the watcher
             # polling slowly for a while, rather than wake it for every round
