@@ -138,6 +138,7 @@ import os
 import pickle
 import select
 import signal
+import struct
 import sys
 import threading
 import time
@@ -704,7 +705,7 @@ class _Worker:
         self._send(_HELLO_BATCH, 0, _LOOSE, [pickle.dumps(os.getpid())], None)
         while True:
             try:
-                msg = pickle.loads(self.inbox.recv_bytes())
+                msg = pickle.loads(_recv_frame(self.inbox))
             except (EOFError, OSError):
                 return  # the parent closed the pipe or died
             kind = msg[0]
@@ -777,7 +778,7 @@ class _Worker:
         errors: list[tuple[int, bytes]] | None,
     ) -> None:
         _flush_stdio()  # output printed by these items reaches stdout before they return
-        self.outbox.send_bytes(_chunk(batch_id, start, fmt, payload, errors, self.logs.take()))
+        _send_frame(self.outbox, _chunk(batch_id, start, fmt, payload, errors, self.logs.take()))
 
     def _send_bulk(
         self,
@@ -801,7 +802,7 @@ class _Worker:
                 for offset, value in enumerate(results)
             ]
             fmt, errors = _LOOSE, []
-        self.outbox.send_bytes(_chunk(batch_id, start, fmt, payload, errors or None, logs))
+        _send_frame(self.outbox, _chunk(batch_id, start, fmt, payload, errors or None, logs))
 
     def _due(self, last_flush: float, pending: int) -> bool:
         return (
@@ -989,10 +990,10 @@ class _Target:
     key: str
     code: _Code
     index: int = -1
+    code_key: str = field(init=False)  # what a worker caches the code under
 
-    @property
-    def code_key(self) -> str:
-        return f"{self.kind}:{self.key}"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "code_key", f"{self.kind}:{self.key}")
 
 
 class _Marker:
@@ -1010,20 +1011,22 @@ _FAILED: Final = _Marker("<failed>")  # an item whose outcome is in the failures
 _REDO: Final = _Marker("<redo>")  # ran, but its result did not unpickle here: run it alone
 
 
-@dataclass(slots=True)
 class _Exchange:
     """One request and its results: ``back[position]`` is a result, ``_NOT_BACK`` or
-    ``_FAILED`` (then ``fails[position]`` says how)."""
+    ``_FAILED`` (then ``fails[position]`` says how). A plain class whose defaults
+    live on the class: one is made per batch, and only two fields vary then."""
 
-    back: list[Any]
-    fails: dict[int, Outcome]
-    count: int = 0
     fate: Literal["done", "died", "timeout", "undelivered", "resend"] = "done"
-    position: int = -1
-    redo: list[int] = field(default_factory=list)  # results the parent could not unpickle
-    description: str = ""
+    count = 0
+    position = -1
+    redo: tuple[int, ...] = ()  # results the parent could not unpickle
+    description = ""
     exitcode: int | None = None
     pid: int | None = None
+
+    def __init__(self, back: list[Any], fails: dict[int, Outcome]) -> None:
+        self.back = back
+        self.fails = fails
 
 
 class _Batch:
@@ -1207,10 +1210,54 @@ def _kill_leftovers(slots: list[_Slot], lock: threading.Lock) -> None:
             proc.join(_STOP_GRACE_S)
 
 
+_HEADER = struct.Struct("!i")  # multiprocessing.Connection's frame header
 _PIPE_BYTES = 1 << 20  # a batch of log lines is ~70 KB: more than a default 64 KB pipe
 _DEFAULT_PIPE_BYTES = 4096  # POSIX guarantees PIPE_BUF >= 512; Linux and macOS give more
 _FRAMING_BYTES = 1024  # a request's envelope around its items and code, generously
 _RSS_CHECK_EVERY = 16  # Lease.due_back(): read a held worker's RSS once per this many calls
+
+
+def _send_frame(conn: Connection, message: bytes) -> None:
+    """``conn.send_bytes(message)`` in one system call: multiprocessing writes a
+    message over 16 KiB as two (header, then body), and each write to an idle
+    worker's pipe wakes it; on a VM a wake-up is a costly cross-CPU interrupt.
+    Same framing (a 4-byte big-endian length), so ``recv_bytes`` reads it."""
+    n = len(message)
+    if n > 0x7FFFFFFF:
+        conn.send_bytes(message)  # multiprocessing's larger framing
+        return
+    fd = conn.fileno()
+    view = memoryview(message)
+    sent = os.writev(fd, (_HEADER.pack(n), view))
+    if sent < n + 4:  # interrupted by a signal: write the rest
+        rest = memoryview(_HEADER.pack(n) + message)[sent:]
+        while rest:
+            rest = rest[os.write(fd, rest) :]
+
+
+def _recv_frame(conn: Connection) -> bytes:
+    """``conn.recv_bytes()`` in two reads and few Python calls (the same framing)."""
+    fd = conn.fileno()
+    head = _read_exact(fd, 4)
+    (n,) = _HEADER.unpack(head)
+    if n == -1:  # multiprocessing's framing of a message over 2 GiB
+        (n,) = struct.unpack("!Q", _read_exact(fd, 8))
+    return _read_exact(fd, n)
+
+
+def _read_exact(fd: int, n: int) -> bytes:
+    data = os.read(fd, n)
+    if len(data) == n:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < n:
+        if not data:
+            raise EOFError("the pipe was closed")
+        data = os.read(fd, n - got)
+        parts.append(data)
+        got += len(data)
+    return b"".join(parts)
 
 
 def _widen_pipe(conn: Any) -> int:
@@ -1660,7 +1707,7 @@ class ProcessPool:
         message = self._request(slot, target, batch_id, False, fused and batch.bulk, group, items)
         ex = _Exchange([_NOT_BACK] * len(group), {})
         try:
-            slot.to_worker.send_bytes(message)
+            _send_frame(slot.to_worker, message)
         except OSError:
             return None, encoded  # the worker died: whoever collects its batch sees why
         slot.routes[batch_id] = (ex, target.code.stages - 1)
@@ -1782,7 +1829,7 @@ class ProcessPool:
             # while we block writing this. Read its results first.
             self._settle_routes(slot)
         try:
-            slot.to_worker.send_bytes(message)
+            _send_frame(slot.to_worker, message)
         except OSError:
             return self._lost(slot, ex, in_flight=n, batch_id=batch_id)
         return ex
@@ -1873,7 +1920,7 @@ class ProcessPool:
         last_stage: int,
     ) -> bool:
         try:
-            data = conn.recv_bytes()
+            data = _recv_frame(conn)
         except (EOFError, OSError):
             return False
         chunk_batch, start, fmt, payload, errors, logs = pickle.loads(data)
@@ -1914,11 +1961,14 @@ class ProcessPool:
                 redo = [start + i for i in range(count) if i not in failed]
                 for position in redo:
                     back[position] = _REDO
-                ex.redo.extend(redo)
+                ex.redo = (*ex.redo, *redo)
             else:
                 for offset in failed:
                     results[offset] = _FAILED
-                back[start : start + count] = results
+                if count == len(back):  # the whole batch in one chunk: no copy
+                    ex.back = results
+                else:
+                    back[start : start + count] = results
             ex.count += count
         elif fmt == _LOOSE:
             for offset, encoded in enumerate(payload):
@@ -2510,9 +2560,29 @@ class Lease:
                 if sent is not None:
                     _, batch_id, ex = sent
                     slot.routes.pop(batch_id, None)
+                    n = len(ex.back)
                     if (
+                        timeout is None
+                        and ex.fate == "done"
+                        and slot.starts == starts
+                        and slot.process is not None
+                    ):
+                        # the common case in few steps: the whole batch, run once, clean
+                        if ex.count < n:
+                            ex = pool._collect(slot, ex, n, batch_id, None, self._target)
+                        if (
+                            ex.fate == "done"
+                            and not ex.fails
+                            and not ex.redo
+                            and not fails
+                            and n == len(batch.values)
+                        ):
+                            slot.tasks_done += n
+                            return ex.back, fails
+                        sent = (sent[0], batch_id, ex)
+                    elif (
                         ex.fate == "done"
-                        and ex.count < len(ex.back)
+                        and ex.count < n
                         and (slot.process is None or slot.starts != starts)
                     ):
                         # sent ahead to a worker that died before reaching it: send again
