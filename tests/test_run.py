@@ -344,6 +344,30 @@ def test_workers_n_runs_up_to_n_calls_of_a_function_task_at_once() -> None:
         assert [fut.result(timeout=10) for fut in futures] == [0, 1, 2]
 
 
+def test_an_output_node_with_workers_hands_on_each_item_as_it_completes() -> None:
+    # futures resolve independently: item 1 is not held back behind item 0 (what
+    # stream yields is in completion order); map still restores input order
+    gate = threading.Event()
+
+    @af.task(workers=2)
+    def first_waits(x: int) -> int:
+        if x == 0:
+            gate.wait(timeout=10)
+        return x
+
+    @af.flow
+    def f(x: int) -> Any:
+        return first_waits(x)
+
+    with f.start() as running:
+        first, second = running.submit(0), running.submit(1)
+        assert second.result(timeout=5) == 1
+        assert not first.done()
+        gate.set()
+        assert first.result(timeout=5) == 0
+        assert list(running.map([3, 0, 2, 1])) == [3, 0, 2, 1]  # the gate is open now
+
+
 def test_a_single_worker_node_never_runs_two_calls_at_once() -> None:
     active = 0
     peak = 0

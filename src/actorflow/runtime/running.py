@@ -191,6 +191,9 @@ class _Sink:
         tmpl = plan.output
         # the common case: the output is exactly the value of the single sink port
         self.identity = n == 1 and getattr(tmpl, "name", None) == "0" and not tmpl.path
+        # batches of one port may arrive in any order (Segment.connect); a join of
+        # several ports works best aligned, so those keep their ticket order
+        self.any_order = self.joiner is None
         self.name = "<sink>"
 
     def deliver(self, port: int, ids: Any, vals: list[Any], special: bool, sender: Any) -> bool:
@@ -488,6 +491,11 @@ class RunningFlow(RunContext):
 
     def stream(self, source: Iterable[Any]) -> Iterator[Any]:
         """Every real output, in completion order, as produced.
+
+        The output node hands each batch on as soon as it is done: with
+        ``workers=N``, process or async tasks there, a slow item does not hold
+        back later ones, so the order may differ from the entry order (use
+        ``map`` for input order).
 
         Skipped items are not yielded; failed items are kept in
         ``dead_letters()`` and the stream goes on. Reads at most
