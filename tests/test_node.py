@@ -295,6 +295,42 @@ def test_a_node_with_several_workers_emits_batches_in_arrival_order() -> None:
     assert out_of(seg).values() == [0, 2, 4, 6, 8, 10]
 
 
+class OutputCollector(Collector):
+    """Stands in for the flow's output, which takes batches in any order."""
+
+    any_order = True
+
+
+def test_a_node_feeding_only_the_output_emits_each_batch_once_done() -> None:
+    g = af.Graph("w")
+    g.add("a", af.task(lambda x: x * 2, workers=3))
+    seg, _ready = build(g)
+    seg.connect([(OutputCollector(), 0)])
+    seg._emit_in_order(1, (range(2, 4), [4, 6], False))  # ticket 0 still runs
+    assert out_of(seg).values() == [4, 6]
+    seg._emit_in_order(0, (range(0, 2), [0, 2], False))
+    assert out_of(seg).values() == [4, 6, 0, 2]
+
+
+def test_a_node_keeps_arrival_order_for_other_nodes_and_for_keys() -> None:
+    @af.task(key=lambda x: x % 3, workers=3)
+    class Last:
+        def __call__(self, x: int) -> int:
+            return x
+
+    g = af.Graph("w")
+    g.add("a", af.task(lambda x: x * 2, workers=3))
+    k = af.Graph("k")
+    k.add("a", Last)
+    for graph, consumer in ((g, Collector()), (k, OutputCollector())):
+        seg, _ready = build(graph)
+        seg.connect([(consumer, 0)])
+        seg._emit_in_order(1, (range(2, 4), [4, 6], False))
+        assert out_of(seg).values() == []  # held back behind ticket 0
+        seg._emit_in_order(0, (range(0, 2), [0, 2], False))
+        assert out_of(seg).values() == [0, 2, 4, 6]
+
+
 def test_class_task_instances_are_fresh_for_every_segment() -> None:
     @af.task
     class Counter:

@@ -19,7 +19,8 @@ Semantics (DESIGN.md sections 2-3):
   running the task; a skip on a data input used directly skips the node, a skip
   inside a gather is omitted, a skip on an ``after`` input only orders;
 - outputs leave in arrival order (a node with ``workers > 1`` runs batches
-  concurrently and re-orders them before emitting);
+  concurrently and re-orders them before emitting), except from a node whose
+  only consumer is the flow's output: it emits each batch once done;
 - every batch on an edge carries the edge's next sequence number.
 
 Credits: a segment accepts every batch delivered to it (so no sender ever
@@ -492,7 +493,12 @@ class Segment:
         # W2 with process tasks: a worker that ran ahead of the other idled, its
         # results held back while they filled max_in_flight (0.85x -> 0.98x of a
         # chunked ProcessPool).
-        self.output_only = len(consumers) == 1 and getattr(consumers[0][0], "any_order", False)
+        # A keyed node keeps arrival order: a key's items are emitted in order.
+        self.output_only = (
+            len(consumers) == 1
+            and getattr(consumers[0][0], "any_order", False)
+            and self.key_fn is None
+        )
 
     # -- message intake (any thread) ----------------------------------------
     def deliver(self, port: int, ids: Any, vals: list[Any], special: bool, sender: Any) -> bool:
@@ -840,8 +846,9 @@ class Segment:
         Each held worker has up to two clean batches in flight (the second waits
         in its pipe, see :class:`~actorflow.runtime.processes.Lease`); results
         are collected from whichever worker is ready first and emitted in
-        ticket order. One thread at a time runs the pump, which is the node's
-        only runner; its leases and batches in flight outlive a round.
+        ticket order (or at once, to the flow's output: see :meth:`connect`).
+        One thread at a time runs the pump, which is the node's only runner;
+        its leases and batches in flight outlive a round.
 
         A host calls it with ``until=None``: it runs until nothing is queued
         or in flight (then gives the workers back), or for ``ctx.quantum()``
@@ -1039,7 +1046,7 @@ class Segment:
         return bool(ready)
 
     def _pump_collect(self, h: _Held, now: float) -> None:
-        """Read the oldest batch of ``h`` back, count it and emit it (in ticket order)."""
+        """Read the oldest batch of ``h`` back, count it and emit it (:meth:`_emit_in_order`)."""
         head = self.stats[0]
         values, fails = h.lease.wait()
         ticket, ids, vals, sent_at, prep = h.hand.popleft()
@@ -1059,8 +1066,9 @@ class Segment:
             self._return_leases([h], every=False)
 
     def _pump_emit(self, ticket: int, ids: Any, out: list[Any], special: bool) -> None:
-        # in ticket order, whatever the number of workers: a special batch settled in
-        # the parent must not overtake batches still in a worker
+        # in ticket order, whatever the number of workers (a special batch settled in
+        # the parent must not overtake batches still in a worker), unless the flow's
+        # output is the only consumer
         try:
             self._emit_in_order(ticket, (ids, out, special))
         except Exception as exc:
@@ -1329,7 +1337,8 @@ class Segment:
         fut.add_done_callback(lambda f: self._async_done(ticket, n, f))
 
     def _async_done(self, ticket: int, n: int, fut: Any) -> None:
-        # runs in the loop thread: emit in ticket order, like a node with several workers
+        # runs in the loop thread: emitted like a node with several workers (in ticket
+        # order, or at once to the flow's output)
         with self.lock:
             self.stats[0].in_flight -= n
         if fut.cancelled():
@@ -1437,25 +1446,26 @@ class Segment:
 
         Emitting under the segment's lock would deadlock a consumer that calls
         back into this segment (a future's done-callback that submits an item).
-        A segment that only feeds the flow's output emits at once, in any order
-        (see :meth:`connect`).
+        A segment that only feeds the flow's output emits each batch as soon as
+        it is done, in any order (see :meth:`connect`), still from one thread at
+        a time: ``finally_do`` and future callbacks never run concurrently for it.
         """
-        if self.output_only:
-            if batch[1] and self.emit(*batch):
-                with self.lock:
-                    self.throttle += 1
-            return
         with self.lock:
             self.held[ticket] = batch
             if self.emitting:
                 return  # the thread emitting now will emit this batch in its turn
             self.emitting = True
+        held = self.held
         while True:
             with self.lock:
-                ready = []
-                while self.next_emit in self.held:
-                    ready.append(self.held.pop(self.next_emit))
-                    self.next_emit += 1
+                if self.output_only:
+                    ready = list(held.values())
+                    held.clear()
+                else:
+                    ready = []
+                    while self.next_emit in held:
+                        ready.append(held.pop(self.next_emit))
+                        self.next_emit += 1
                 if not ready:
                     self.emitting = False
                     return

@@ -1211,6 +1211,7 @@ def _kill_leftovers(slots: list[_Slot], lock: threading.Lock) -> None:
 
 
 _HEADER = struct.Struct("!i")  # multiprocessing.Connection's frame header
+_ONE_WRITE_MAX = 0x7FFFF000 - 4  # Linux caps one write here; macOS rejects >= 2 GiB
 _PIPE_BYTES = 1 << 20  # a batch of log lines is ~70 KB: more than a default 64 KB pipe
 _DEFAULT_PIPE_BYTES = 4096  # POSIX guarantees PIPE_BUF >= 512; Linux and macOS give more
 _FRAMING_BYTES = 1024  # a request's envelope around its items and code, generously
@@ -1223,14 +1224,17 @@ def _send_frame(conn: Connection, message: bytes) -> None:
     worker's pipe wakes it; on a VM a wake-up is a costly cross-CPU interrupt.
     Same framing (a 4-byte big-endian length), so ``recv_bytes`` reads it."""
     n = len(message)
-    if n > 0x7FFFFFFF:
-        conn.send_bytes(message)  # multiprocessing's larger framing
+    if n >= _ONE_WRITE_MAX:
+        conn.send_bytes(message)  # near 2 GiB: multiprocessing's framing and writes
         return
     fd = conn.fileno()
-    view = memoryview(message)
-    sent = os.writev(fd, (_HEADER.pack(n), view))
+    header = _HEADER.pack(n)
+    sent = os.writev(fd, (header, message))
     if sent < n + 4:  # interrupted by a signal: write the rest
-        rest = memoryview(_HEADER.pack(n) + message)[sent:]
+        if sent < 4:
+            os.write(fd, header[sent:])  # 4 bytes or fewer: written whole
+            sent = 4
+        rest = memoryview(message)[sent - 4 :]
         while rest:
             rest = rest[os.write(fd, rest) :]
 
