@@ -84,7 +84,7 @@ class Config:
             w4_size=12_000,
             w4_reps=5,
             w2_lines=300_000,
-            w2_reps=3,
+            w2_reps=5,
             w5_reps=3,
             async_reps=3,
         )
