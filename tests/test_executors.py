@@ -239,6 +239,40 @@ def test_items_with_the_same_key_reach_the_same_instance_in_order() -> None:
     assert len({i for v in instances.values() for i in v}) > 1  # keys spread over instances
 
 
+@af.task(key=lambda ev: ev["service"], workers=3)
+class AsyncPerService:
+    """The keyed task above, as a coroutine: one batch per instance at a time."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = collections.Counter()
+
+    async def __call__(self, ev: dict[str, Any]) -> tuple[str, int, int]:
+        await asyncio.sleep(0)
+        self.counts[ev["service"]] += 1
+        return ev["service"], self.counts[ev["service"]], id(self)
+
+
+def test_a_keyed_async_class_task_routes_keys_and_serves_every_batch() -> None:
+    # each instance used to take one batch and stay marked busy for ever, and every
+    # item ran on the first instance whatever its key
+    @af.flow
+    def f(ev: dict[str, Any]) -> Any:
+        return AsyncPerService(ev)
+
+    services = ["auth", "cart", "search", "pay", "mail", "feed"]
+    events = [{"service": services[i % len(services)]} for i in range(300)]
+    with f.start(max_in_flight=64) as running:
+        out = list(running.map(events))
+    instances: dict[str, set[int]] = collections.defaultdict(set)
+    counts: dict[str, list[int]] = collections.defaultdict(list)
+    for service, n, instance in out:
+        instances[service].add(instance)
+        counts[service].append(n)
+    assert all(len(v) == 1 for v in instances.values())
+    assert all(v == list(range(1, 51)) for v in counts.values())
+    assert len({i for v in instances.values() for i in v}) > 1
+
+
 def test_keyed_routing_uses_a_stable_hash_not_pythons_salted_one() -> None:
     from actorflow.task import stable_hash
 

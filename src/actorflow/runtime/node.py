@@ -687,7 +687,7 @@ class Segment:
             if wake is not None:
                 _unthrottle(wake)
             if self.is_async:  # hand the batch to the event loop; do not wait for it
-                self._start_async(ticket, ids, vals, special)
+                self._start_async(ticket, ids, vals, special, pin)
                 continue
             if self.leasable and not special:  # clean batches through one leased worker
                 in_hand: list[tuple[int, Any, list[Any], bool, int]] = []
@@ -1329,40 +1329,52 @@ class Segment:
         return Failed((failure,))
 
     # -- async tasks (the run's event loop) --------------------------------------
-    def _start_async(self, ticket: int, ids: Any, vals: list[Any], special: bool) -> None:
+    def _start_async(
+        self, ticket: int, ids: Any, vals: list[Any], special: bool, pin: int = -1
+    ) -> None:
         n = len(vals)
         with self.lock:
             self.stats[0].in_flight += n
-        fut = self.ctx.run_coroutine(self._abatch(ids, vals, special))
-        fut.add_done_callback(lambda f: self._async_done(ticket, n, f))
+        fut = self.ctx.run_coroutine(self._abatch(ids, vals, special, pin))
+        fut.add_done_callback(lambda f: self._async_done(ticket, n, pin, f))
 
-    def _async_done(self, ticket: int, n: int, fut: Any) -> None:
+    def _async_done(self, ticket: int, n: int, pin: int, fut: Any) -> None:
         # runs in the loop thread: emitted like a node with several workers (in ticket
-        # order, or at once to the flow's output)
+        # order, or at once to the flow's output). A keyed instance is free again: its
+        # next batch may start (one batch per instance at a time keeps a key's order)
+        runners = 0
         with self.lock:
             self.stats[0].in_flight -= n
+            if pin >= 0:
+                self.busy[pin] = False
+                runners = self._claim_runners()
+        for _ in range(runners):
+            self.schedule(self)
         if fut.cancelled():
             return  # the run was stopped without draining
         exc = fut.exception()
         if exc is not None:
             self.ctx.on_internal_error(exc)
             return
-        self._emit_in_order(ticket, fut.result())
+        try:
+            self._emit_in_order(ticket, fut.result())
+        except BaseException as error:  # a done-callback's error would only be logged
+            self.ctx.on_internal_error(error)
 
     async def _abatch(
-        self, ids: Any, vals: list[Any], special: bool
+        self, ids: Any, vals: list[Any], special: bool, pin: int = -1
     ) -> tuple[Any, list[Any], bool]:
         import asyncio
 
         if self.asem is None:
             self.asem = asyncio.Semaphore(self.nodes[0].spec.task.concurrency)
         results = await asyncio.gather(
-            *(self._aone(i, v, special) for i, v in zip(ids, vals, strict=True))
+            *(self._aone(i, v, special, pin) for i, v in zip(ids, vals, strict=True))
         )
         out_special = any(r is SKIP or type(r) is Failed for r in results)
         return ids, list(results), out_special
 
-    async def _aone(self, item: Any, v: Any, special: bool) -> Any:
+    async def _aone(self, item: Any, v: Any, special: bool, pin: int = -1) -> Any:
         """One item through an async node: skips, failures, timeout, retries (asleep)."""
         import asyncio
 
@@ -1385,8 +1397,11 @@ class Segment:
             t0 = time.perf_counter()
             try:
                 async with self.asem:
-                    if node.is_class:
-                        target = self.instances[0] if self.instances else t.fn()
+                    if node.is_class:  # a keyed batch runs on its key's instance
+                        if pin >= 0:
+                            target = self.instances[pin]
+                        else:
+                            target = self.instances[0] if self.instances else t.fn()
                     else:
                         target = self.fns[0]
                     coro = node.call(target, v) if args is None else target(*args[0], **args[1])
@@ -1470,9 +1485,14 @@ class Segment:
                     self.emitting = False
                     return
             throttled = 0
-            for e_ids, e_vals, e_special in ready:
-                if e_vals:
-                    throttled += self.emit(e_ids, e_vals, e_special)
+            try:
+                for e_ids, e_vals, e_special in ready:
+                    if e_vals:
+                        throttled += self.emit(e_ids, e_vals, e_special)
+            except BaseException:
+                with self.lock:  # the next batch finds no emitter and emits itself
+                    self.emitting = False
+                raise  # the caller reports it: the run ends
             if throttled:
                 with self.lock:
                     self.throttle += throttled
