@@ -273,6 +273,22 @@ def test_a_keyed_async_class_task_routes_keys_and_serves_every_batch() -> None:
     assert len({i for v in instances.values() for i in v}) > 1
 
 
+def test_an_unkeyed_async_class_task_spreads_batches_over_its_instances() -> None:
+    @af.task(workers=3)
+    class Which:
+        async def __call__(self, x: int) -> int:
+            await asyncio.sleep(0)
+            return id(self)
+
+    @af.flow
+    def f(x: int) -> Any:
+        return Which(x)
+
+    with f.start() as running:
+        ids = {running.submit(i).result(10) for i in range(6)}
+    assert len(ids) == 3  # one item per batch here: the batches take turns
+
+
 def test_keyed_routing_uses_a_stable_hash_not_pythons_salted_one() -> None:
     from actorflow.task import stable_hash
 

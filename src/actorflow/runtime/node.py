@@ -1368,6 +1368,8 @@ class Segment:
 
         if self.asem is None:
             self.asem = asyncio.Semaphore(self.nodes[0].spec.task.concurrency)
+        if pin < 0 and self.workers > 1 and self.nodes[0].is_class:
+            pin = next(self.rr) % self.workers  # unkeyed instances take batches in turn
         results = await asyncio.gather(
             *(self._aone(i, v, special, pin) for i, v in zip(ids, vals, strict=True))
         )
