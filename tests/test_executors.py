@@ -273,6 +273,47 @@ def test_a_keyed_async_class_task_routes_keys_and_serves_every_batch() -> None:
     assert len({i for v in instances.values() for i in v}) > 1
 
 
+def test_a_keyed_async_instance_processes_its_keys_items_in_arrival_order() -> None:
+    @af.task(key=lambda ev: ev[0], workers=2)
+    class Seen:
+        def __init__(self) -> None:
+            self.seen: list[int] = []
+
+        async def __call__(self, ev: tuple[str, int]) -> list[int]:
+            await asyncio.sleep(0.002 * ((ev[1] * 7) % 3))  # earlier items may wait longer
+            self.seen.append(ev[1])
+            return list(self.seen)
+
+    @af.flow
+    def f(ev: tuple[str, int]) -> Any:
+        return Seen(ev)
+
+    with f.start(max_in_flight=64) as running:
+        out = list(running.map([("k", i) for i in range(40)]))
+    assert out[-1] == list(range(40))
+
+
+def test_an_async_task_that_raises_cancelled_error_fails_only_its_item() -> None:
+    @af.task
+    async def awaits_a_cancelled_one(x: int) -> int:
+        if x == 3:
+            other = asyncio.ensure_future(asyncio.sleep(10))
+            other.cancel()
+            await other  # raises CancelledError inside this task
+        return x
+
+    @af.flow
+    def f(x: int) -> Any:
+        return awaits_a_cancelled_one(x)
+
+    with f.start() as running:
+        futures = [running.submit(i) for i in range(6)]
+        with pytest.raises(af.RunFailed) as info:
+            futures[3].result(10)
+        assert [futures[i].result(10) for i in (0, 1, 2, 4, 5)] == [0, 1, 2, 4, 5]
+    assert info.value.failures[0].error_type == "CancelledError"
+
+
 def test_an_unkeyed_async_class_task_spreads_batches_over_its_instances() -> None:
     @af.task(workers=3)
     class Which:

@@ -326,7 +326,8 @@ def task(
     A class task with ``key=`` and ``workers=N`` has N instances; every item
     goes to instance ``stable_hash(key(item)) % N``, so items with the same key
     always reach the same instance (a hash stable across processes, not
-    Python's salted ``hash()``). Without ``key``, items go to any free instance.
+    Python's salted ``hash()``). Without ``key``, items go to any free instance
+    (an async class task's batches take its instances in turn).
 
     ``executor="process"`` runs the task's calls in the running graph's pool of
     worker processes (shared by all its process tasks; ``processes=`` on

@@ -1370,9 +1370,14 @@ class Segment:
             self.asem = asyncio.Semaphore(self.nodes[0].spec.task.concurrency)
         if pin < 0 and self.workers > 1 and self.nodes[0].is_class:
             pin = next(self.rr) % self.workers  # unkeyed instances take batches in turn
-        results = await asyncio.gather(
-            *(self._aone(i, v, special, pin) for i, v in zip(ids, vals, strict=True))
-        )
+        if self.key_fn is not None:
+            # a keyed instance processes its key's items one at a time, in arrival
+            # order (its state may depend on it); keys on other instances overlap
+            results = [await self._aone(i, v, special, pin) for i, v in zip(ids, vals, strict=True)]
+        else:
+            results = await asyncio.gather(
+                *(self._aone(i, v, special, pin) for i, v in zip(ids, vals, strict=True))
+            )
         out_special = any(r is SKIP or type(r) is Failed for r in results)
         return ids, list(results), out_special
 
@@ -1427,7 +1432,13 @@ class Segment:
                         if watch is not None:
                             watch.leave(coro)
                 stats.sample(time.perf_counter() - t0)
-            except Exception as exc:
+            except (Exception, asyncio.CancelledError) as exc:
+                if isinstance(exc, asyncio.CancelledError):
+                    current = asyncio.current_task()
+                    if current is None or current.cancelling():
+                        raise  # the run cancels us (stop): not the task's failure
+                    # the task raised it itself (it awaited something cancelled): a
+                    # failure of this item, not a silently cancelled batch
                 if t.retryable(exc, attempt):
                     delay = self._note_retry(0, item, attempt, type(exc).__name__, _message(exc))
                     attempt += 1
