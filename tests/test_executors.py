@@ -224,19 +224,26 @@ def per_service(ev: dict[str, Any]) -> Any:
     return PerService(ev)
 
 
-def test_items_with_the_same_key_reach_the_same_instance_in_order() -> None:
-    services = ["auth", "cart", "search", "pay", "mail", "feed"]
-    events = [{"service": services[i % len(services)]} for i in range(600)]
-    with per_service.start() as running:
-        out = list(running.map(events))
+SERVICES = ["auth", "cart", "search", "pay", "mail", "feed"]
+
+
+def assert_keyed(out: list[tuple[str, int, int]], per_key: int) -> None:
+    """``(key, count so far, instance id)`` outputs: one instance per key, counts in
+    order, keys spread over several instances."""
     instances: dict[str, set[int]] = collections.defaultdict(set)
     counts: dict[str, list[int]] = collections.defaultdict(list)
     for service, n, instance in out:
         instances[service].add(instance)
         counts[service].append(n)
     assert all(len(v) == 1 for v in instances.values())  # one instance per key
-    assert all(v == list(range(1, 101)) for v in counts.values())  # state and order per key
+    assert all(v == list(range(1, per_key + 1)) for v in counts.values())  # state and order
     assert len({i for v in instances.values() for i in v}) > 1  # keys spread over instances
+
+
+def test_items_with_the_same_key_reach_the_same_instance_in_order() -> None:
+    events = [{"service": SERVICES[i % len(SERVICES)]} for i in range(600)]
+    with per_service.start() as running:
+        assert_keyed(list(running.map(events)), 100)
 
 
 @af.task(key=lambda ev: ev["service"], workers=3)
@@ -259,18 +266,9 @@ def test_a_keyed_async_class_task_routes_keys_and_serves_every_batch() -> None:
     def f(ev: dict[str, Any]) -> Any:
         return AsyncPerService(ev)
 
-    services = ["auth", "cart", "search", "pay", "mail", "feed"]
-    events = [{"service": services[i % len(services)]} for i in range(300)]
+    events = [{"service": SERVICES[i % len(SERVICES)]} for i in range(300)]
     with f.start(max_in_flight=64) as running:
-        out = list(running.map(events))
-    instances: dict[str, set[int]] = collections.defaultdict(set)
-    counts: dict[str, list[int]] = collections.defaultdict(list)
-    for service, n, instance in out:
-        instances[service].add(instance)
-        counts[service].append(n)
-    assert all(len(v) == 1 for v in instances.values())
-    assert all(v == list(range(1, 51)) for v in counts.values())
-    assert len({i for v in instances.values() for i in v}) > 1
+        assert_keyed(list(running.map(events)), 50)
 
 
 def test_a_keyed_async_instance_processes_its_keys_items_in_arrival_order() -> None:
