@@ -312,6 +312,28 @@ def test_an_async_task_that_raises_cancelled_error_fails_only_its_item() -> None
     assert info.value.failures[0].error_type == "CancelledError"
 
 
+def test_stop_without_drain_settles_an_async_nodes_counters() -> None:
+    started = 0
+
+    @af.task(concurrency=10)
+    async def forever(x: int) -> int:
+        nonlocal started
+        started += 1
+        await asyncio.sleep(60)
+        return x
+
+    @af.flow
+    def f(x: int) -> Any:
+        return forever(x)
+
+    with f.start() as running:
+        futures = [running.submit(i) for i in range(3)]
+        wait_until(lambda: started == 3)
+        running.stop(drain=False)
+        assert running.metrics()["forever"].in_flight == 0  # was 3: callbacks never ran
+    assert all(fut.cancelled() for fut in futures)
+
+
 def test_an_unkeyed_async_class_task_spreads_batches_over_its_instances() -> None:
     @af.task(workers=3)
     class Which:

@@ -42,6 +42,7 @@ _EMPTY: dict[str, Any] = {}
 _MISSING = object()
 _FIRST_CHUNK = 1  # read-ahead chunks start small (first output soon) and double
 _MAX_CHUNK = 512
+_CANCEL_GRACE_S = 1.0  # stop(): how long cancelled coroutines get to finish
 _CAP_DIV = 2  # chunks of max_in_flight/2: fewer hand-offs (W1b: 0.51x -> 0.58x of the loop)
 
 
@@ -889,6 +890,11 @@ class RunningFlow(RunContext):
         if watch is not None and not watch.stop(thread.join):
             return  # a coroutine holds the loop and ignores cancellation (logged)
         thread.join()
+        # let the cancelled batches finish here, so their callbacks settle the node's
+        # counters (in_flight); bounded: a coroutine may swallow its cancellation
+        pending = asyncio.all_tasks(loop)
+        if pending:
+            loop.run_until_complete(asyncio.wait(pending, timeout=_CANCEL_GRACE_S))
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
 
