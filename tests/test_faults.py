@@ -1159,6 +1159,26 @@ def test_a_restart_gives_class_tasks_fresh_instances() -> None:
         assert [running.submit(i).result(timeout=10) for i in range(2, 4)] == [(2, 1), (3, 2)]
 
 
+def test_an_async_node_crashed_by_fault_injection_is_restarted_and_replays() -> None:
+    @af.task
+    class AsyncTally:
+        def __init__(self) -> None:
+            self.n = 0
+
+        async def __call__(self, x: int) -> tuple[int, int]:
+            self.n += 1
+            return x, self.n
+
+    @af.flow
+    def f(x: int) -> Any:
+        return AsyncTally(x)
+
+    with f.start() as running:
+        assert running.submit(0).result(timeout=10) == (0, 1)
+        crash_node(running, "AsyncTally")
+        assert running.submit(1).result(timeout=10) == (1, 1)  # replayed on a fresh instance
+
+
 def test_a_crashed_join_node_replays_its_batch_and_loses_nothing() -> None:
     joined = Calls()
 

@@ -687,6 +687,17 @@ class Segment:
             if wake is not None:
                 _unthrottle(wake)
             if self.is_async:  # hand the batch to the event loop; do not wait for it
+                try:
+                    self._check_injected()
+                except InjectedCrash as exc:  # as an internal error on the general path
+                    with self.lock:
+                        self.work.appendleft((ticket, ids, vals, special, pin))
+                        self.queued += n
+                        self.running -= 1
+                        if pin >= 0:
+                            self.busy[pin] = False
+                    self.ctx.on_segment_crash(self, exc)
+                    return
                 self._start_async(ticket, ids, vals, special, pin)
                 continue
             if self.leasable and not special:  # clean batches through one leased worker
