@@ -690,13 +690,7 @@ class Segment:
                 try:
                     self._check_injected()
                 except InjectedCrash as exc:  # as an internal error on the general path
-                    with self.lock:
-                        self.work.appendleft((ticket, ids, vals, special, pin))
-                        self.queued += n
-                        self.running -= 1
-                        if pin >= 0:
-                            self.busy[pin] = False
-                    self.ctx.on_segment_crash(self, exc)
+                    self._crashed((ticket, ids, vals, special, pin), exc)
                     return
                 self._start_async(ticket, ids, vals, special, pin)
                 continue
@@ -721,16 +715,8 @@ class Segment:
             try:
                 out_ids, out, out_special = self.process(ids, vals, special, pin)
             except Exception as exc:
-                # an internal error (not a task's: those are captured per item):
-                # put the batch back first, then let the supervisor decide
-                with self.lock:
-                    self.work.appendleft((ticket, ids, vals, special, pin))
-                    self.queued += n
-                    self.running -= 1
-                    if pin >= 0:
-                        self.busy[pin] = False
                 head.in_flight -= n
-                self.ctx.on_segment_crash(self, exc)
+                self._crashed((ticket, ids, vals, special, pin), exc)
                 return
             head.in_flight -= n
             if pin >= 0:
@@ -747,6 +733,17 @@ class Segment:
                 self._emit_in_order(ticket, (out_ids, out, out_special))
         if requeue:  # keep our runner slot, but go to the back of the ready queue
             self.schedule(self)
+
+    def _crashed(self, entry: tuple[int, Any, list[Any], bool, int], exc: Exception) -> None:
+        """An internal error (not a task's: those are captured per item) while this
+        runner held ``entry``: put the batch back first, then let the supervisor decide."""
+        with self.lock:
+            self.work.appendleft(entry)
+            self.queued += len(entry[2])
+            self.running -= 1
+            if entry[4] >= 0:
+                self.busy[entry[4]] = False
+        self.ctx.on_segment_crash(self, exc)
 
     # -- process tasks (the run's pool of worker processes) -----------------------
     def _run_leased(
