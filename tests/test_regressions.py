@@ -530,6 +530,65 @@ def test_jobs_left_queued_with_nobody_running_start_one_host_not_one_each() -> N
     assert errors == []
 
 
+def test_an_offered_job_runs_once_and_may_be_taken_from_inside_a_taken_job() -> None:
+    # submit() offers its item's job; result() takes it unless a host did. A task
+    # run that way may wait on another future of the same pool (nested): the inner
+    # take must leave the outer registration (CPU clock, helper key) in place
+    from actorflow.runtime.actors import HostPool
+
+    errors: list[BaseException] = []
+    pool = HostPool("offers", errors.append, watcher_thread=False)
+    release = threading.Event()
+    ran: list[tuple[str, int]] = []
+
+    class Job:
+        helpable = True
+        offerable = True
+        pumped = False
+
+        def __init__(self, name: str, inner: Job | None = None) -> None:
+            self.name = name
+            self.inner = inner
+
+        def run(self) -> None:
+            ran.append((self.name, threading.get_ident()))
+            if self.name == "blocker":
+                release.wait(10)
+            if self.inner is not None:
+                inner_offers: list[Any] = []
+                pool.offering(inner_offers)
+                pool.schedule(self.inner)
+                pool.offering(None)
+                assert len(inner_offers) == 1
+                assert pool.take_offer(inner_offers[0])
+                assert len(pool._helpers) == 1  # still the outer take's
+
+    try:
+        pool.schedule(Job("blocker"))  # the only host blocks in it: nobody takes offers
+        offers: list[Any] = []
+        pool.offering(offers)
+        pool.schedule(Job("outer", Job("inner")))
+        pool.offering(None)
+        assert len(offers) == 1
+        assert pool.take_offer(offers[0])
+        assert not pool.take_offer(offers[0])  # an offer runs once
+        with pool.lock:
+            assert not pool._helpers
+            assert not pool._helper_jobs
+            assert len(pool.clocks) == 1  # the blocked host's only
+            assert not pool.ready
+        release.set()
+    finally:
+        release.set()
+        pool.shutdown()
+    me = threading.get_ident()
+    where = dict(ran)
+    assert len(ran) == 3
+    assert where["outer"] == where["inner"] == me
+    assert where["blocker"] != me
+    assert errors == []
+
+
 def test_run_returns_when_a_node_fails_internally_past_its_restart_limit() -> None:
     from actorflow.testing import crash_node
 

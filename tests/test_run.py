@@ -544,6 +544,84 @@ def test_submit_blocks_while_max_in_flight_items_are_in_flight() -> None:
         assert third[0].result(10) == 2
 
 
+def test_result_without_a_timeout_may_run_the_item_in_the_waiting_thread() -> None:
+    # submit() hands the item to a host, but a caller that waits in result() before
+    # the host took it runs it itself: no hand-off there and back (W1a)
+    threads: list[int] = []
+
+    @af.task
+    def where(x: int) -> int:
+        threads.append(threading.get_ident())
+        return x + 1
+
+    @af.task
+    def double(x: int) -> int:
+        return 2 * x
+
+    @af.flow
+    def f(x: int) -> Any:
+        return double(where(x))
+
+    with f.start() as running:
+        assert [running.submit(x).result() for x in range(50)] == [2 * (x + 1) for x in range(50)]
+        assert running.metrics()["where"].done == 50
+    assert threading.get_ident() in threads  # never, when a host ran every item
+
+
+def test_result_never_runs_another_items_batch_of_a_node_with_workers() -> None:
+    # with workers=2 a quick item overtakes a slow one: waiting for the quick one must
+    # not run the slow one's batch in the waiting thread (review of the offers)
+    release = threading.Event()
+
+    @af.task(workers=2)
+    def work(x: int) -> int:
+        if x == 0:
+            release.wait(10)
+        return x
+
+    @af.flow
+    def f(x: int) -> Any:
+        return work(x)
+
+    try:
+        with f.start() as running:
+            for i in range(1, 21):
+                release.clear()
+                slow = running.submit(0)
+                assert running.submit(i).result() == i
+                assert not slow.done()  # still waiting for release: run by a host
+                release.set()
+                assert slow.result() == 0
+    finally:
+        release.set()
+
+
+def test_result_with_a_timeout_never_runs_work_in_the_waiting_thread() -> None:
+    # the timeout must hold: a task run in the caller's thread could overrun it
+    threads: list[int] = []
+    release = threading.Event()
+
+    @af.task
+    def where(x: int) -> int:
+        threads.append(threading.get_ident())
+        if x < 0:
+            release.wait(10)
+        return x + 1
+
+    @af.flow
+    def f(x: int) -> Any:
+        return where(x)
+
+    with f.start() as running:
+        assert [running.submit(x).result(timeout=10) for x in range(50)] == list(range(1, 51))
+        stuck = running.submit(-5)
+        with pytest.raises(TimeoutError):
+            stuck.result(timeout=0.05)
+        release.set()
+        assert stuck.result() == -4
+    assert threading.get_ident() not in threads
+
+
 def test_leaving_the_block_drains_in_flight_items() -> None:
     release = threading.Event()
 

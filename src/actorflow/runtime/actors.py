@@ -54,18 +54,62 @@ class Job(Protocol):
     """Anything a host can run: a segment, or a slice of a parallel map.
 
     ``helpable``: the job computes in its thread, so a helping consumer may run
-    it itself (see :meth:`HostPool.schedule`). ``pumped``: the job mostly waits
+    it itself (see :meth:`HostPool.schedule`). ``offerable``: a helpable job
+    whose run takes the batches in arrival order, one runner at a time (a
+    segment with one worker): the thread that submitted an item may run it
+    itself (see :meth:`HostPool.take_offer`). ``pumped``: the job mostly waits
     for worker processes and can also run in rounds that return when the
     consumer's own condition holds (``pump(until, wake)``, see
     :meth:`HostPool.help_one`).
     """
 
     helpable: bool
+    offerable: bool
     pumped: bool
 
     def run(self) -> None: ...
 
     def pump(self, until: Callable[[], bool] | None, wake: Any) -> None: ...
+
+
+class _Offer:
+    """A job handed to a host while the thread that queued it may still run it itself.
+
+    ``submit()`` offers the jobs its item starts: the host it wakes and the
+    submitting thread, if it then waits in ``result()``, race for it; whoever
+    pops ``box`` first runs the job, the other finds it empty. The waiting
+    thread skips both thread hand-offs (to the host and back).
+
+    Only ``offerable`` jobs (one runner, batches in arrival order) are offered:
+    the batches ahead of the item's are ones it waits behind anyway, so the
+    waiting thread never runs work its item does not wait for.
+    """
+
+    __slots__ = ("box", "job")
+    pumped = False
+    offerable = False
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.box = [job]  # the claim: popped once, by whoever runs the job
+
+    @property
+    def helpable(self) -> bool:
+        return self.job.helpable  # a watcher may have marked the job not helpable
+
+    @helpable.setter
+    def helpable(self, value: bool) -> None:
+        self.job.helpable = value
+
+    def run(self) -> None:
+        try:
+            job = self.box.pop()
+        except IndexError:
+            return  # the waiting thread took it
+        job.run()
+
+    def pump(self, until: Callable[[], bool] | None, wake: Any) -> None:  # pragma: no cover
+        self.run()
 
 
 class ActorflowHost(pykka.ThreadingActor):
@@ -176,6 +220,10 @@ class HostPool:
                 self._caller_runs
                 or (getattr(self._local, "prefer", False) and (job.helpable or job.pumped))
             )
+            offers = getattr(self._local, "offers", None)
+            if offers is not None and job.offerable and job.helpable and not prefer:
+                job = _Offer(job)
+                offers.append(job)
             if self.idle and not (prefer and not self._caller_runs):
                 host = self.idle.pop()
             else:
@@ -380,7 +428,12 @@ class HostPool:
         self._run_job(self.ready.popleft(), series=True)
 
     def _run_job(
-        self, job: Job, *, series: bool = False, pump: tuple[Callable[[], bool], Any] | None = None
+        self,
+        job: Job,
+        *,
+        series: bool = False,
+        pump: tuple[Callable[[], bool], Any] | None = None,
+        keep: bool = True,
     ) -> None:
         """Under the lock (released while jobs run): a waiting thread runs ``job``, then,
         with ``series``, the next queued jobs while there are any and nobody pokes.
@@ -390,10 +443,16 @@ class HostPool:
         if key is None:
             key = local.key = object()
             local.clock = time.pthread_getcpuclockid(threading.get_ident())
-        self.clocks[key] = local.clock  # the watcher measures this thread like a host
-        self._helpers.add(key)
+        # a job's task may wait on this pool again (a future of its own graph): the
+        # inner call leaves the outer one's registration in place
+        nested = key in self._helpers
+        outer_job = self._helper_jobs.get(key)
+        if not nested:
+            self.clocks[key] = local.clock  # the watcher measures this thread like a host
+            self._helpers.add(key)
         prefer = getattr(local, "prefer", False)
-        local.prefer = True  # jobs these queue wait for this thread, too
+        helping = getattr(local, "helping_job", False)
+        local.prefer = keep  # jobs these queue wait for this thread, too
         local.helping_job = True  # a segment it runs yields after one batch (see quantum())
         ready = self.ready
         try:
@@ -426,12 +485,45 @@ class HostPool:
                 job = ready.popleft()
         finally:
             local.prefer = prefer
-            local.helping_job = False
-            self._helpers.discard(key)
-            self._helper_jobs.pop(key, None)
-            del self.clocks[key]
+            local.helping_job = helping
+            if nested:
+                if outer_job is not None:
+                    self._helper_jobs[key] = outer_job
+            else:
+                self._helpers.discard(key)
+                self._helper_jobs.pop(key, None)
+                del self.clocks[key]
             if self.closed:
                 self.cond.notify_all()  # shutdown() waits for helpers to finish their job
+
+    def offering(self, offers: list[Any] | None) -> list[Any] | None:
+        """Collect in ``offers`` the jobs this thread queues (None: stop); return the
+        list collected before, to restore it (a submit inside a submit)."""
+        local = self._local
+        before: list[Any] | None = getattr(local, "offers", None)
+        local.offers = offers
+        return before
+
+    def take_offer(self, offer: Any) -> bool:
+        """Run ``offer``'s job in this thread unless a host took it (then nothing
+        happens); whether this thread went to run it.
+
+        The job's segment runs one batch (see :meth:`quantum`), the oldest it
+        holds; what it emits goes to hosts, not to this thread. Runs as a
+        helper's job: the watcher sees this thread blocked in it as it sees a
+        blocked host (and then leaves the node's work to hosts from there on).
+        """
+        with self.lock:
+            if self.closed or not offer.box:
+                return False
+            try:
+                self.ready.remove(offer)  # queued when no host was idle
+            except ValueError:
+                pass
+            # the claim (box.pop) happens in offer.run(), inside the job run: a job
+            # whose claim was taken is always run
+            self._run_job(offer, keep=False)
+        return True
 
     def is_helping(self) -> bool:
         """Whether this thread is a helper right now (see :meth:`helping`)."""
@@ -740,6 +832,7 @@ class _MapState:
     """Shared cursor over a parallel map's items; each runner takes the next ready element."""
 
     helpable = False  # its runners are there to run in parallel with the caller
+    offerable = False
     pumped = False
 
     def __init__(

@@ -352,6 +352,7 @@ class Segment:
         "next_emit",
         "next_ticket",
         "nodes",
+        "offerable",
         "output_only",
         "plan",
         "pool_key",
@@ -434,6 +435,9 @@ class Segment:
         # computes in its thread: a consumer waiting for results may run it (a process
         # runner mostly waits, better on a host while the consumer consumes)
         self.helpable = not self.is_process
+        # one runner taking batches in arrival order: the thread that submitted an
+        # item may run it (see HostPool.take_offer)
+        self.offerable = self.simple and self.helpable
         # an untimed process chain of functions has one runner, its pump, that keeps
         # up to `workers` workers busy; a consumer of map / stream may run it in
         # rounds while it waits (see pump()), so no thread hands batches around

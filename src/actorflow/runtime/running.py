@@ -95,18 +95,52 @@ class _Block:
         self.kept: list[Any] | None = None
 
 
+class _Future(concurrent.futures.Future[Any]):
+    """The future of a submitted item: ``result()`` without a timeout runs the
+    item's first job itself if no host has taken it yet (see ``submit``).
+
+    Only the jobs ``submit`` offered, each at most once: a waiting thread never
+    picks up unrelated work, and a timeout is never overrun by a task.
+    """
+
+    _offers: list[Any] | None = None
+    _pool: Any = None
+
+    def _take_offers(self) -> None:
+        offers = self._offers
+        pool = self._pool
+        if offers and pool is not None:
+            self._offers = None
+            for offer in offers:
+                if self.done():
+                    break
+                pool.take_offer(offer)
+
+    def result(self, timeout: float | None = None) -> Any:
+        if timeout is None:
+            self._take_offers()
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        if timeout is None:
+            self._take_offers()
+        return super().exception(timeout)
+
+
 class _FutureOwner:
     """Owner of a one-item block: resolves a concurrent.futures.Future."""
 
     __slots__ = ("future", "run_id")
 
     def __init__(self, run_id: str) -> None:
-        self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self.future: _Future = _Future()
         self.run_id = run_id
 
     def block_done(self, block: _Block) -> None:
         assert block.vals is not None
         v = block.vals[0]
+        fut = self.future
+        fut._offers = fut._pool = None  # a kept future must not keep the run alive
         try:
             if type(v) is Failed:
                 self.future.set_exception(RunFailed(list(v.failures), self.run_id))
@@ -116,8 +150,10 @@ class _FutureOwner:
             pass  # the caller cancelled the future: the result is discarded
 
     def abort(self, exc: BaseException) -> None:
+        fut = self.future
+        fut._offers = fut._pool = None
         try:
-            self.future.set_exception(exc)
+            fut.set_exception(exc)
         except concurrent.futures.InvalidStateError:
             pass  # already cancelled or resolved
 
@@ -446,6 +482,16 @@ class RunningFlow(RunContext):
         or raises :class:`~actorflow.RunFailed` holding the item's failures.
         Blocks while ``max_in_flight`` items are already in flight.
 
+        The item's first job goes to a host at once; ``result()`` without a
+        timeout, called before that host took it, runs it in the waiting
+        thread instead (no hand-off there and back: a 10-stage chain answers
+        in about a third of the time). That is one batch of the item's first
+        node (or fused chain), when that node has one worker and no key; the
+        batch is the item's own or one it waits behind. Your task may then run
+        in the thread that waits, and Ctrl-C there stops the graph, as in a
+        consumer of ``map``. ``result(timeout=...)`` never runs work in the
+        calling thread, so its timeout holds.
+
         Example::
 
             fut = running.submit("http://a")
@@ -453,7 +499,18 @@ class RunningFlow(RunContext):
         """
         self._check_open()
         owner = _FutureOwner(self.run_id)
-        self._enter([self._value_of(args, kwargs)], owner)
+        value = self._value_of(args, kwargs)
+        pool = self._pool
+        offers: list[Any] = []
+        before = pool.offering(offers)
+        try:
+            self._enter([value], owner)
+        finally:
+            pool.offering(before)
+        if offers and not owner.future.done():
+            fut = owner.future
+            fut._offers = offers
+            fut._pool = pool
         return owner.future
 
     def _values(self, iterables: tuple[Iterable[Any], ...]) -> Iterator[Any]:
