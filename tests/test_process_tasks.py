@@ -482,6 +482,38 @@ def test_stop_without_drain_in_the_middle_of_a_stream_leaves_no_worker() -> None
     assert metrics.in_flight == 0  # the batches the workers had are not in flight any more
 
 
+@pytest.mark.parametrize("options", [{"workers": 2}, {"timeout": 120}], ids=["pump", "timed"])
+def test_stop_without_drain_kills_workers_running_long_items(
+    options: dict[str, Any], tmp_path: Any
+) -> None:
+    # stop(drain=False) used to wait for the batches in the workers' pipes: two
+    # batches of a 5 s item took 9.5 s to "cancel"
+    @af.task(executor="process", **options)
+    def stuck(x: int) -> int:
+        with open(os.path.join(str(tmp_path), f"started-{x}"), "w"):
+            pass
+        time.sleep(120)
+        return x
+
+    @af.flow
+    def f(x: int) -> Any:
+        return stuck(x)
+
+    from tests.conftest import wait_until
+
+    with f.start(processes=2) as running:
+        futures = [running.submit(i) for i in range(4)]
+        wait_until(lambda: len(os.listdir(tmp_path)) >= 1, timeout=60)
+        worker_pids = [w["pid"] for w in running.metrics()["stuck"].workers if w["pid"]]
+        t0 = time.monotonic()
+        running.stop(drain=False)
+        stopped_in = time.monotonic() - t0
+    assert stopped_in < 60  # a sanity bound: the items would sleep 120 s
+    assert all(fut.cancelled() for fut in futures)
+    assert worker_pids
+    assert _workers_alive(worker_pids) == []
+
+
 def test_slow_items_are_spread_evenly_over_the_workers() -> None:
     # a quick item first leaves a misleading estimate of the node's time per item;
     # a map of slow items must still go item by item, not in pairs to one worker

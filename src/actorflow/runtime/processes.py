@@ -2235,7 +2235,7 @@ class ProcessPool:
             if not wait([slot.process.sentinel], self._stop_grace):
                 self._terminate(slot)
             self._reap(slot, wait_s=None)
-        if reason != "shutdown":
+        if reason != "shutdown" and not self._killed:  # (cancel(): part of the stop)
             self._log.info("worker_recycled", worker=slot.index, pid=pid, reason=reason)
             self._emit("worker_recycled", worker=slot.index, pid=pid, reason=reason)
         self._forget(slot, pid, None if reason == "shutdown" else f"worker {reason}")
@@ -2360,6 +2360,23 @@ class ProcessPool:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+
+    def cancel(self) -> None:
+        """Kill every worker now, without waiting: calls and leases in flight raise
+        :class:`PoolClosed` (``stop(drain=False)``: a batch of long items running in a
+        worker must not hold the stop up). :meth:`shutdown` then reaps them.
+
+        Example::
+
+            pool.cancel()                # threads waiting on workers get PoolClosed
+            pool.shutdown(kill=True)     # reap
+        """
+        with self._cond:
+            self._closed = True
+            self._killed = True
+            self._cond.notify_all()
+        for slot in self._slots:
+            self._signal(slot, signal.SIGKILL)
 
     def shutdown(self, *, kill: bool = False) -> None:
         """Stop every worker and join it; idempotent.
