@@ -202,6 +202,34 @@ def test_the_event_loop_thread_is_gone_after_the_block() -> None:
     assert not any(t.name.startswith("actorflow-loop-") for t in threading.enumerate())
 
 
+def test_waiting_for_an_item_in_the_event_loops_thread_is_refused_not_a_hang() -> None:
+    # an async node resolves its futures in the loop's thread, so their done-callbacks
+    # run there; one that waited for another item of the graph blocked the loop that
+    # item needs (it hung; with a timeout, it timed out)
+    outcome: list[Any] = []
+    done = threading.Event()
+
+    def callback(fut: Any) -> None:
+        try:
+            outcome.append(running.submit(2).result())
+        except af.ActorflowError as exc:
+            outcome.append(exc)
+        try:
+            next(iter(running.map([3])))
+        except af.ActorflowError as exc:
+            outcome.append(exc)
+        done.set()
+
+    with resolve.start() as running:
+        running.submit(1).add_done_callback(callback)
+        assert done.wait(30)
+        assert running.submit(4).result(10) == "host-4"  # the graph goes on
+    assert len(outcome) == 2
+    assert "event loop" in str(outcome[0])
+    assert "'resolve'" in str(outcome[0])
+    assert "map / stream" in str(outcome[1])
+
+
 def test_executor_async_on_a_plain_function_is_refused() -> None:
     with pytest.raises(af.GraphError, match="needs a coroutine function"):
         af.task(executor="async")(lambda x: x)

@@ -105,6 +105,12 @@ class _Future(concurrent.futures.Future[Any]):
 
     _offers: list[Any] | None = None
     _pool: Any = None
+    _flow: Any = None  # until it resolves: the running flow (see _check_thread)
+
+    def _check_thread(self) -> None:
+        flow = self._flow
+        if flow is not None and flow._loop_thread is not None and not self.done():
+            flow._refuse_loop_thread("wait for an item")
 
     def _take_offers(self) -> None:
         offers = self._offers
@@ -117,11 +123,13 @@ class _Future(concurrent.futures.Future[Any]):
                 pool.take_offer(offer)
 
     def result(self, timeout: float | None = None) -> Any:
+        self._check_thread()
         if timeout is None:
             self._take_offers()
         return super().result(timeout)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
+        self._check_thread()
         if timeout is None:
             self._take_offers()
         return super().exception(timeout)
@@ -140,7 +148,7 @@ class _FutureOwner:
         assert block.vals is not None
         v = block.vals[0]
         fut = self.future
-        fut._offers = fut._pool = None  # a kept future must not keep the run alive
+        fut._offers = fut._pool = fut._flow = None  # a kept future must not keep the run alive
         try:
             if type(v) is Failed:
                 self.future.set_exception(RunFailed(list(v.failures), self.run_id))
@@ -151,7 +159,7 @@ class _FutureOwner:
 
     def abort(self, exc: BaseException) -> None:
         fut = self.future
-        fut._offers = fut._pool = None
+        fut._offers = fut._pool = fut._flow = None
         try:
             fut.set_exception(exc)
         except concurrent.futures.InvalidStateError:
@@ -507,11 +515,13 @@ class RunningFlow(RunContext):
             self._enter([value], owner)
         finally:
             pool.offering(before)
-        if offers and not owner.future.done():
-            fut = owner.future
-            fut._offers = offers
-            fut._pool = pool
-        return owner.future
+        fut = owner.future
+        if not fut.done():
+            fut._flow = self
+            if offers:
+                fut._offers = offers
+                fut._pool = pool
+        return fut
 
     def _values(self, iterables: tuple[Iterable[Any], ...]) -> Iterator[Any]:
         if not iterables:
@@ -570,7 +580,20 @@ class RunningFlow(RunContext):
         self._check_open()
         return self._iterate(self._values((source,)), ordered=False)
 
+    def _refuse_loop_thread(self, what: str) -> None:
+        """Raise if the calling thread is this run's event loop thread: whatever waits
+        there for items blocks the loop those items need (a deadlock)."""
+        if threading.current_thread() is self._loop_thread:
+            raise ActorflowError(
+                f"cannot {what} of running flow {self.name!r} in the thread of its event loop "
+                "(a done-callback of a future that an async node resolved, or an async "
+                "task): the item needs that loop, so this would wait for ever. Wait in "
+                "another thread, e.g. hand the work to a concurrent.futures executor"
+            )
+
     def _iterate(self, values: Iterator[Any], *, ordered: bool) -> Iterator[Any]:
+        if self._loop_thread is not None:
+            self._refuse_loop_thread("read map / stream results")
         owner = _QueueOwner()
         pending: deque[_Block] = deque()
         read_ahead = _ReadAhead(self.max_in_flight, self._chunk_div)
