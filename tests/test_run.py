@@ -596,6 +596,59 @@ def test_result_never_runs_another_items_batch_of_a_node_with_workers() -> None:
         release.set()
 
 
+def test_a_caller_inside_an_event_loop_leaves_its_items_to_hosts() -> None:
+    # a task run by result() in a thread with a running event loop could not call
+    # asyncio.run() (review of the offers: 200 of 200 items failed)
+    import asyncio
+
+    @af.task
+    def fetch(x: int) -> int:
+        async def go() -> int:
+            return x + 1
+
+        return asyncio.run(go())
+
+    @af.flow
+    def f(x: int) -> Any:
+        return fetch(x)
+
+    async def main() -> list[int]:
+        with f.start() as running:
+            return [running.submit(x).result() for x in range(100)]
+
+    assert asyncio.run(main()) == list(range(1, 101))
+
+
+def test_futures_cancelled_by_stop_do_not_keep_the_run_alive() -> None:
+    import gc
+    import weakref
+
+    release = threading.Event()
+
+    @af.task
+    def hold(x: int) -> int:
+        release.wait(10)
+        return x
+
+    @af.flow
+    def f(x: int) -> Any:
+        return hold(x)
+
+    cm = f.start()
+    running = cm.__enter__()
+    futures = [running.submit(i) for i in range(3)]
+    ref = weakref.ref(running)
+    try:
+        running.stop(drain=False)
+    finally:
+        release.set()
+        cm.__exit__(None, None, None)
+    assert all(fut.cancelled() for fut in futures)
+    del running, cm
+    gc.collect()
+    assert ref() is None  # the cancelled futures kept it before
+
+
 def test_result_with_a_timeout_never_runs_work_in_the_waiting_thread() -> None:
     # the timeout must hold: a task run in the caller's thread could overrun it
     threads: list[int] = []

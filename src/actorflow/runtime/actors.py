@@ -122,6 +122,7 @@ class ActorflowHost(pykka.ThreadingActor):
         self.pool = pool
 
     def on_start(self) -> None:
+        self.pool._local.host = True  # (see HostPool._run_job)
         self.pool._register_thread(threading.current_thread(), self.actor_ref)
 
     def on_stop(self) -> None:
@@ -444,8 +445,9 @@ class HostPool:
             key = local.key = object()
             local.clock = time.pthread_getcpuclockid(threading.get_ident())
         # a job's task may wait on this pool again (a future of its own graph): the
-        # inner call leaves the outer one's registration in place
-        nested = key in self._helpers
+        # inner call leaves the outer one's registration in place; a host's thread is
+        # measured as a host already
+        nested = key in self._helpers or getattr(local, "host", False)
         outer_job = self._helper_jobs.get(key)
         if not nested:
             self.clocks[key] = local.clock  # the watcher measures this thread like a host
@@ -489,6 +491,8 @@ class HostPool:
             if nested:
                 if outer_job is not None:
                     self._helper_jobs[key] = outer_job
+                else:
+                    self._helper_jobs.pop(key, None)
             else:
                 self._helpers.discard(key)
                 self._helper_jobs.pop(key, None)
@@ -520,9 +524,19 @@ class HostPool:
                 self.ready.remove(offer)  # queued when no host was idle
             except ValueError:
                 pass
-            # the claim (box.pop) happens in offer.run(), inside the job run: a job
-            # whose claim was taken is always run
-            self._run_job(offer, keep=False)
+            try:
+                # the claim (box.pop) happens in offer.run(), inside the job run: a
+                # job whose claim was taken is always run
+                self._run_job(offer, keep=False)
+            except BaseException:
+                if offer.box and not self.closed:
+                    # interrupted (Ctrl-C) before the claim: a host must run it
+                    self.ready.appendleft(offer)
+                    if self.idle:
+                        self._hand_to_idle()
+                    else:
+                        self._ensure_watching()
+                raise
         return True
 
     def is_helping(self) -> bool:

@@ -17,6 +17,7 @@ import gc
 import itertools
 import logging
 import os
+import sys
 import threading
 import time
 from collections import deque
@@ -164,6 +165,11 @@ class _FutureOwner:
             fut.set_exception(exc)
         except concurrent.futures.InvalidStateError:
             pass  # already cancelled or resolved
+
+    def cancel(self) -> None:
+        fut = self.future
+        fut._offers = fut._pool = fut._flow = None
+        fut.cancel()
 
 
 class _ConsumerWake:
@@ -509,7 +515,12 @@ class RunningFlow(RunContext):
         owner = _FutureOwner(self.run_id)
         value = self._value_of(args, kwargs)
         pool = self._pool
-        offers: list[Any] = []
+        offers: list[Any] | None = []
+        aio = sys.modules.get("asyncio")
+        if aio is not None and aio._get_running_loop() is not None:
+            # an event loop runs in this thread: a task run here (by result()) could
+            # not use asyncio.run() and the like, so it runs on a host, as before
+            offers = None
         before = pool.offering(offers)
         try:
             self._enter([value], owner)
@@ -1179,7 +1190,7 @@ class RunningFlow(RunContext):
                 if self._finally is not None:
                     self._finally_cancelled(b)
                 if isinstance(b.owner, _FutureOwner):
-                    b.owner.future.cancel()
+                    b.owner.cancel()
                 else:
                     b.owner.abort(cancelled)
             self._pool.shutdown()  # counters are final from here on: metrics() reads them
