@@ -514,6 +514,32 @@ def test_stop_without_drain_kills_workers_running_long_items(
     assert _workers_alive(worker_pids) == []
 
 
+@pytest.mark.parametrize("options", [{}, {"timeout": 60}], ids=["pump", "timed"])
+def test_a_stuck_item_does_not_hold_back_items_another_worker_can_run(
+    options: dict[str, Any],
+) -> None:
+    # the batch behind a stuck one was sent ahead into the same worker's pipe (pump)
+    # or taken by the same runner (timed), while the other worker idled: it waited
+    # for the stuck item (for ever without a timeout)
+    @af.task(executor="process", workers=2, **options)
+    def nap(x: float) -> int:
+        time.sleep(x)
+        return os.getpid()
+
+    @af.flow
+    def f(x: float) -> Any:
+        return nap(x)
+
+    with f.start(processes=2) as running:
+        assert len(list(running.map([0.05] * 6))) == 6  # both workers up; an estimate
+        stuck = running.submit(120.0)
+        quick = [running.submit(0.05) for _ in range(6)]
+        pids = {fut.result(timeout=30) for fut in quick}
+        assert not stuck.done()
+        running.stop(drain=False)
+    assert len(pids) == 1  # all on the worker that was free
+
+
 def test_slow_items_are_spread_evenly_over_the_workers() -> None:
     # a quick item first leaves a misleading estimate of the node's time per item;
     # a map of slow items must still go item by item, not in pairs to one worker
