@@ -136,6 +136,31 @@ def test_a_coroutine_that_never_yields_is_interrupted_at_its_timeout() -> None:
     assert "executor='thread'" in failure.message
 
 
+def test_a_loop_held_by_another_coroutine_does_not_time_out_a_waiting_one() -> None:
+    # items 2 and 3 wait (their 0.3 s deadlines running) while item 1 holds the loop
+    # past them; asyncio.wait_for cancelled them the moment the loop was free, though
+    # they never had the loop (acceptance test of issue 4)
+    never = threading.Event()
+
+    @af.task(timeout=0.3, concurrency=10)
+    async def step(x: int) -> int:
+        if x == 1:
+            _spin_until(never)  # interrupted by the watchdog past the timeout
+        await asyncio.sleep(0.01)
+        return x * 10
+
+    @af.flow
+    def f(x: int) -> Any:
+        return step(x)
+
+    with f.start() as running:
+        futures = [running.submit(x) for x in range(4)]
+        with pytest.raises(af.RunFailed) as info:
+            futures[1].result(timeout=30)
+        assert [futures[i].result(timeout=30) for i in (0, 2, 3)] == [0, 20, 30]
+    assert "without yielding" in info.value.failures[0].message
+
+
 def test_a_loop_held_by_a_coroutine_is_reported_and_freed_at_stop(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -298,6 +298,44 @@ class Edge:
 _Prepared = tuple[list[Any], list[int], list[Any], list[int], int, list[Failure]]
 
 
+_LATE_S = 0.05  # a timeout check this late means the loop was held meanwhile
+
+
+async def _await_timed(coro: Any, timeout: float) -> Any:
+    """``await coro`` under ``timeout``, not counting a loop held past the deadline.
+
+    A coroutine that never yields holds the loop (until the watchdog interrupts
+    it); the deadlines of the others pass meanwhile, and ``asyncio.wait_for``
+    would cancel them the moment the loop is free, though they never had the
+    loop. When the deadline check itself runs late (the loop was held), the
+    coroutine gets that time back, once, up to ``timeout``: it times out only
+    if it is still not done after it had the loop for that long.
+    """
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    when = loop.time() + timeout
+    extended = False
+    handle: Any = None
+
+    async with asyncio.timeout(None) as scope:
+
+        def check() -> None:
+            nonlocal handle, extended
+            late = loop.time() - when
+            if late > _LATE_S and not extended:
+                extended = True
+                handle = loop.call_later(min(late, timeout), check)
+            else:
+                scope.reschedule(loop.time())  # cancels the await: TimeoutError
+
+        handle = loop.call_at(when, check)
+        try:
+            return await coro
+        finally:
+            handle.cancel()
+
+
 class _Held:
     """One worker leased by a pumped segment, and its batches in flight, oldest first:
     ``(ticket, ids, vals, sent_at, prep)``; ``prep`` is None for a clean batch, else
@@ -1453,7 +1491,7 @@ class Segment:
                             r = await coro
                         else:
                             try:
-                                r = await asyncio.wait_for(coro, t.timeout)
+                                r = await _await_timed(coro, t.timeout)
                             except TimeoutError as exc:
                                 if time.perf_counter() - t0 < t.timeout * 0.99:
                                     raise  # the task's own TimeoutError
