@@ -540,6 +540,54 @@ def test_a_stuck_item_does_not_hold_back_items_another_worker_can_run(
     assert len(pids) == 1  # all on the worker that was free
 
 
+def test_a_process_class_task_is_never_instantiated_in_the_parent() -> None:
+    # its instances live in the workers; the parent built `workers` more (a heavy
+    # model loaded twice over, and an __init__ error escaping start() raw)
+    parent = os.getpid()
+
+    @af.task(executor="process", workers=2)
+    class Model:
+        def __init__(self) -> None:
+            if os.getpid() == parent:
+                raise RuntimeError("instantiated in the parent")
+
+        def __call__(self, x: int) -> int:
+            return x * 2
+
+    @af.flow
+    def f(x: int) -> Any:
+        return Model(x)
+
+    with f.start(processes=2) as running:
+        assert list(running.map(range(6))) == [0, 2, 4, 6, 8, 10]
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        {"processes": 0},
+        {"max_tasks_per_worker": 0},
+        {"max_tasks_per_worker": 2.5},
+        {"max_worker_rss_mb": -1},
+        {"max_worker_rss_mb": "big"},
+    ],
+)
+def test_bad_pool_options_are_refused_by_start_naming_the_option(option: dict[str, Any]) -> None:
+    # they used to be accepted, then fail the first process item as "a bug in
+    # actorflow" (acceptance test of issue 4)
+    @af.task(executor="process")
+    def double(x: int) -> int:
+        return 2 * x
+
+    @af.flow
+    def f(x: int) -> Any:
+        return double(x)
+
+    (name,) = option
+    with pytest.raises(ValueError, match=name):
+        f.start(**option)
+
+
 def test_slow_items_are_spread_evenly_over_the_workers() -> None:
     # a quick item first leaves a misleading estimate of the node's time per item;
     # a map of slow items must still go item by item, not in pairs to one worker

@@ -675,6 +675,28 @@ def test_result_with_a_timeout_never_runs_work_in_the_waiting_thread() -> None:
     assert threading.get_ident() not in threads
 
 
+def test_a_class_task_whose_init_raises_fails_the_run_with_its_failure() -> None:
+    @af.task
+    class Boom:
+        def __init__(self) -> None:
+            raise RuntimeError("cannot load the model")
+
+        def __call__(self, x: int) -> int:
+            return x
+
+    @af.flow
+    def f(x: int) -> Any:
+        return Boom(x)
+
+    with pytest.raises(af.RunFailed) as info:
+        f.run(1)
+    (failure,) = info.value.failures
+    assert (failure.task, failure.error_type) == ("Boom", "RuntimeError")
+    assert failure.function == "__init__"
+    with pytest.raises(af.RunFailed):
+        f.start()
+
+
 def test_leaving_the_block_drains_in_flight_items() -> None:
     release = threading.Event()
 

@@ -500,15 +500,32 @@ class Segment:
 
     # -- lifecycle -----------------------------------------------------------
     def open(self) -> None:
-        """Create class-task instances (fresh for every run) and bind functions."""
+        """Create class-task instances (fresh for every run) and bind functions.
+
+        A process node's instances live in the worker processes only (the pool
+        creates them there on first use), never in the parent. A class whose
+        ``__init__`` raises fails the run or ``start()`` with
+        :class:`~actorflow.RunFailed` holding that task's failure.
+        """
         self.fns = []
         for node in self.nodes:
             t = node.spec.task
             if t.is_class:
-                self.instances = [t.fn() for _ in range(t.workers)]
+                if not self.is_process:
+                    self.instances = self._new_instances(node)
                 self.fns.append(None)
             else:
                 self.fns.append(t.fn)
+
+    def _new_instances(self, node: NodePlan) -> list[Any]:
+        t = node.spec.task
+        try:
+            return [t.fn() for _ in range(t.workers)]
+        except Exception as exc:
+            failure = Failure.capture(
+                exc, task=node.name, item_id=None, run_id=self.ctx.run_id, executor=t.executor
+            )
+            raise RunFailed([failure], self.ctx.run_id) from exc
 
     @property
     def label(self) -> str:
@@ -528,9 +545,8 @@ class Segment:
         self.restarts += 1
         with self.lock:
             for node in self.nodes:
-                t = node.spec.task
-                if t.is_class:
-                    self.instances = [t.fn() for _ in range(t.workers)]
+                if node.spec.task.is_class and not self.is_process:
+                    self.instances = self._new_instances(node)
 
     def connect(self, consumers: list[tuple[Any, int]]) -> None:
         self.consumers = [(target, port, Edge()) for target, port in consumers]

@@ -334,6 +334,24 @@ class RunningFlow(RunContext):
             raise ValueError(f"max_in_flight must be an int >= 1, got {max_in_flight!r}")
         if processes is not None and (not isinstance(processes, int) or processes < 1):
             raise ValueError(f"processes must be an int >= 1, got {processes!r}")
+        # checked here, not when the pool starts on the first process item (that
+        # error would surface as an internal error of the run)
+        if max_tasks_per_worker is not None and (
+            isinstance(max_tasks_per_worker, bool)
+            or not isinstance(max_tasks_per_worker, int)
+            or max_tasks_per_worker < 1
+        ):
+            raise ValueError(
+                f"max_tasks_per_worker must be an int >= 1 or None, got {max_tasks_per_worker!r}"
+            )
+        if max_worker_rss_mb is not None and (
+            isinstance(max_worker_rss_mb, bool)
+            or not isinstance(max_worker_rss_mb, (int, float))
+            or not max_worker_rss_mb > 0
+        ):
+            raise ValueError(
+                f"max_worker_rss_mb must be a number > 0 or None, got {max_worker_rss_mb!r}"
+            )
         # thousands of small objects that all live as long as the run (a plan, its
         # segments): the cyclic GC would traverse them again and again while they
         # are made (W3a: ~4 us per node); it is paused until the segments exist
