@@ -697,6 +697,40 @@ def test_a_class_task_whose_init_raises_fails_the_run_with_its_failure() -> None
         f.start()
 
 
+def test_waiting_for_an_item_in_a_done_callback_is_refused_not_a_hang() -> None:
+    # a callback runs in the thread that hands the node's outputs on; waiting there
+    # for another item of the flow hung the graph, and leaving the block hung too
+    release = threading.Event()
+    outcome: list[Any] = []
+
+    @af.task
+    def gate(x: int) -> int:
+        if x == 1:
+            release.wait(10)
+        return x
+
+    @af.flow
+    def f(x: int) -> Any:
+        return gate(x)
+
+    def callback(fut: Any) -> None:
+        for wait in (lambda: running.submit(5).result(), lambda: list(running.map([6]))):
+            try:
+                outcome.append(wait())
+            except af.ActorflowError as exc:
+                outcome.append(exc)
+
+    with f.start() as running:
+        first = running.submit(1)
+        first.add_done_callback(callback)  # before it resolves: runs in the graph's thread
+        release.set()
+        assert first.result() == 1
+        assert running.submit(7).result(timeout=10) == 7  # the graph goes on
+    assert len(outcome) == 2
+    assert all(isinstance(o, af.ActorflowError) for o in outcome)
+    assert "done-callback" in str(outcome[0])
+
+
 def test_leaving_the_block_drains_in_flight_items() -> None:
     release = threading.Event()
 

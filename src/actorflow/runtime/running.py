@@ -96,6 +96,13 @@ class _Block:
         self.kept: list[Any] | None = None
 
 
+class _Resolving(threading.local):
+    flow: Any = None  # the running flow whose future's done-callbacks this thread runs
+
+
+_RESOLVING = _Resolving()  # (see _Future; a class default: no AttributeError per read)
+
+
 class _Future(concurrent.futures.Future[Any]):
     """The future of a submitted item: ``result()`` without a timeout runs the
     item's first job itself if no host has taken it yet (see ``submit``).
@@ -107,16 +114,27 @@ class _Future(concurrent.futures.Future[Any]):
     _offers: list[Any] | None = None
     _pool: Any = None
     _flow: Any = None  # until it resolves: the running flow (see _check_thread)
+    _has_callbacks = False
 
-    def _check_thread(self) -> None:
-        flow = self._flow
-        if flow is not None and flow._loop_thread is not None and not self.done():
+    def add_done_callback(self, fn: Callable[[concurrent.futures.Future[Any]], object]) -> None:
+        self._has_callbacks = True
+        super().add_done_callback(fn)
+
+    def _wait_here(self, timeout: float | None) -> None:
+        """Before waiting for a pending item: refuse a thread where the wait could
+        never end (see ``_refuse_*``), then, without a timeout, run the item's
+        offered jobs here unless hosts took them."""
+        flow: Any = self._flow
+        if flow is None or self.done():
+            return
+        if flow._loop_thread is not None:
             flow._refuse_loop_thread("wait for an item")
-
-    def _take_offers(self) -> None:
+        in_callback = _RESOLVING.flow is flow
+        if in_callback:
+            flow._refuse_in_callback("wait for an item")
         offers = self._offers
         pool = self._pool
-        if offers and pool is not None:
+        if offers and pool is not None and timeout is None:
             self._offers = None
             for offer in offers:
                 if self.done():
@@ -124,15 +142,13 @@ class _Future(concurrent.futures.Future[Any]):
                 pool.take_offer(offer)
 
     def result(self, timeout: float | None = None) -> Any:
-        self._check_thread()
-        if timeout is None:
-            self._take_offers()
+        if self._flow is not None:
+            self._wait_here(timeout)
         return super().result(timeout)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        self._check_thread()
-        if timeout is None:
-            self._take_offers()
+        if self._flow is not None:
+            self._wait_here(timeout)
         return super().exception(timeout)
 
 
@@ -149,14 +165,24 @@ class _FutureOwner:
         assert block.vals is not None
         v = block.vals[0]
         fut = self.future
+        flow = fut._flow
         fut._offers = fut._pool = fut._flow = None  # a kept future must not keep the run alive
+        before = None
+        if fut._has_callbacks:
+            # they run in this thread, which hands the node's outputs on: waiting
+            # there for another item of the flow would wait for ever (refused)
+            before = _RESOLVING.flow
+            _RESOLVING.flow = flow
         try:
             if type(v) is Failed:
-                self.future.set_exception(RunFailed(list(v.failures), self.run_id))
+                fut.set_exception(RunFailed(list(v.failures), self.run_id))
             else:
-                self.future.set_result(v)
+                fut.set_result(v)
         except concurrent.futures.InvalidStateError:
             pass  # the caller cancelled the future: the result is discarded
+        finally:
+            if fut._has_callbacks:
+                _RESOLVING.flow = before
 
     def abort(self, exc: BaseException) -> None:
         fut = self.future
@@ -620,9 +646,19 @@ class RunningFlow(RunContext):
                 "another thread, e.g. hand the work to a concurrent.futures executor"
             )
 
+    def _refuse_in_callback(self, what: str) -> None:
+        raise ActorflowError(
+            f"cannot {what} of running flow {self.name!r} in a done-callback of one of "
+            "its futures: callbacks run in the thread that hands the flow's outputs on, "
+            "which that item needs too, so this would wait for ever. Wait in another "
+            "thread, e.g. hand the work to a concurrent.futures executor"
+        )
+
     def _iterate(self, values: Iterator[Any], *, ordered: bool) -> Iterator[Any]:
         if self._loop_thread is not None:
             self._refuse_loop_thread("read map / stream results")
+        if _RESOLVING.flow is self:
+            self._refuse_in_callback("read map / stream results")
         owner = _QueueOwner()
         pending: deque[_Block] = deque()
         read_ahead = _ReadAhead(self.max_in_flight, self._chunk_div)
