@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import pickle
 from typing import Any
 
@@ -177,6 +179,8 @@ def test_arguments_that_do_not_bind_are_refused_with_the_signature() -> None:
         (lambda n: f"{n}", "in a format string"),
         (lambda n: 3 in n, "with 'in'"),
         (lambda n: n(), "as a function"),
+        (lambda n: round(n), "with round()"),
+        (lambda n: math.floor(n), "with math.floor()"),
     ],
 )
 def test_a_node_used_as_a_value_names_the_task_and_the_fix(use: Any, fragment: str) -> None:
@@ -192,6 +196,30 @@ def test_a_node_used_as_a_value_names_the_task_and_the_fix(use: Any, fragment: s
     assert "the output of 'fetch'" in message
     assert fragment in message
     assert "placeholder for a value computed at run time" in message
+
+
+def test_a_node_hidden_in_a_dataclass_or_used_as_an_output_key_is_refused() -> None:
+    # both used to reach run time as the placeholder itself (acceptance test)
+    @dataclasses.dataclass
+    class Box:
+        v: Any
+
+    @af.task
+    def show(b: Any) -> str:
+        return repr(b)
+
+    @af.flow
+    def boxed(url: str) -> Any:
+        return show(Box(fetch(url)))
+
+    @af.flow
+    def keyed(url: str) -> Any:
+        return {fetch(url): 1}
+
+    with pytest.raises(af.GraphError, match=r"inside a Box.*build the Box inside a task"):
+        _ = boxed.graph
+    with pytest.raises(af.GraphError, match="cannot be a dict key"):
+        _ = keyed.graph
 
 
 def test_if_on_a_node_suggests_branching_inside_a_task() -> None:

@@ -8,6 +8,7 @@ at run time. The flow is traced once, lazily, on first use (``.graph``,
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import os
@@ -173,10 +174,27 @@ for _name, _symbol in {"neg": "unary -", "pos": "unary +", "invert": "~", "abs":
     setattr(Node, f"__{_name}__", _operator(_symbol))
 
 
+def _conversion(how: str) -> Callable[..., NoReturn]:
+    def conv(self: Node, *args: Any) -> NoReturn:
+        _misuse(self, how, "convert it inside a task")
+
+    return conv
+
+
+for _name, _how in {
+    "round": "with round()",
+    "trunc": "with math.trunc()",
+    "floor": "with math.floor()",
+    "ceil": "with math.ceil()",
+    "complex": "as a complex number",
+}.items():
+    setattr(Node, f"__{_name}__", _conversion(_how))
+
+
 def _misuse(node: Node, how: str, fix: str) -> NoReturn:
-    owner = node._name if node._name != INPUT else "the flow's parameter"
+    what = "the flow's input" if node._name == INPUT else f"the output of {node._name!r}"
     raise GraphError(
-        f"a Node (the output of {owner!r}) was used {how}; a Node is a placeholder for a "
+        f"a Node ({what}) was used {how}; a Node is a placeholder for a "
         f"value computed at run time, not the value itself: {fix}"
     )
 
@@ -312,6 +330,8 @@ def _refuse_hidden_nodes(value: Any, who: str, depth: int = 0) -> None:
         items: Iterable[Any] = [*value.keys(), *value.values()]
     elif isinstance(value, Set | Sequence):
         items = value
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        items = [getattr(value, f.name, None) for f in dataclasses.fields(value)]
     else:
         return
     for item in items:
@@ -344,6 +364,10 @@ def _output_template(value: Any, tracer: _Tracer, flow_name: str) -> Any:
             return Gather("list" if isinstance(value, list) else "tuple", items)
         return value
     if type(value) is dict:
+        if any(isinstance(k, Node) for k in value):
+            raise GraphError(
+                f"flow {flow_name!r}'s output: a Node cannot be a dict key; use it as a value"
+            )
         pairs = tuple((k, _output_template(v, tracer, flow_name)) for k, v in value.items())
         if any(_has_out(v) for _, v in pairs):
             return Gather("dict", pairs)
