@@ -222,6 +222,15 @@ def test_a_node_hidden_in_a_dataclass_or_used_as_an_output_key_is_refused() -> N
         _ = keyed.graph
 
 
+def test_a_builders_graph_attribute_checks_forward_references() -> None:
+    g = af.Graph("etl").add("load", fetch, depends_on=["extract"])
+    assert [n.name for n in g.nodes] == ["load"]  # inspection does not check
+    with pytest.raises(af.GraphError, match="graph 'etl' has no node 'extract'"):
+        _ = g.graph
+    g.add("extract", fetch)
+    assert g.graph is g
+
+
 def test_if_on_a_node_suggests_branching_inside_a_task() -> None:
     @af.flow
     def f(url: str) -> Any:

@@ -264,6 +264,19 @@ class Graph:
 
     # -- inspection ----------------------------------------------------------
     @property
+    def graph(self) -> Graph:
+        """This graph, validated: forward references, cycles and arity are checked
+        here, as for a flow's ``.graph`` (``nodes`` and ``edges`` do not check).
+
+        Example::
+
+            g = af.Graph("etl").add("load", load, depends_on=["extract"])
+            g.graph   # GraphError: task 'load' depends on 'extract', but graph 'etl' has no ...
+        """
+        self.validate()
+        return self
+
+    @property
     def nodes(self) -> tuple[NodeSpec, ...]:
         """The node specs (``.name``, ``.task``, ``.deps``, ``.after``), in insertion order."""
         return tuple(self._specs.values())
