@@ -588,6 +588,41 @@ def test_bad_pool_options_are_refused_by_start_naming_the_option(option: dict[st
         f.start(**option)
 
 
+def test_a_worker_killed_while_idle_is_noticed_and_restarted_at_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # noticed through its exit sentinel by the pool's sentry, with no item sent:
+    # before, only the next item found it dead (and worker_died was logged twice)
+    @af.task(executor="process", workers=2)
+    def pid(x: int) -> int:
+        return os.getpid()
+
+    @af.flow
+    def f(x: int) -> Any:
+        return pid(x)
+
+    from tests.conftest import wait_until
+
+    caplog.set_level(logging.WARNING, logger="actorflow")
+    with f.start(processes=2) as running:
+        assert len(set(running.map(range(40)))) >= 1
+        workers = running.metrics()["pid"].workers
+        victim = next(w["pid"] for w in workers if w["pid"])
+        os.kill(victim, signal.SIGKILL)
+
+        def replaced() -> bool:
+            now = running.metrics()["pid"].workers
+            return all(w["alive"] for w in now if w["restarts"] or w["pid"] is None) and any(
+                w["restarts"] == 1 and w["alive"] for w in now
+            )
+
+        wait_until(replaced, timeout=30)
+        assert victim not in {w["pid"] for w in running.metrics()["pid"].workers}
+        assert running.submit(1).result(timeout=30) != victim
+    died = [r for r in caplog.records if "worker_died" in r.getMessage()]
+    assert len(died) == 1
+
+
 def test_slow_items_are_spread_evenly_over_the_workers() -> None:
     # a quick item first leaves a misleading estimate of the node's time per item;
     # a map of slow items must still go item by item, not in pairs to one worker

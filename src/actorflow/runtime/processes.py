@@ -1347,6 +1347,11 @@ class ProcessPool:
         self._versions = itertools.count(1)
         self._batch_ids = itertools.count(_HELLO_BATCH + 1)
         self._acquiring = 0  # threads waiting in _acquire for a free worker
+        # the sentry thread (see _sentry_main), started with the first worker, and
+        # the pipe that wakes it (a worker started, or shutdown)
+        self._sentry: threading.Thread | None = None
+        self._sentry_pipe: tuple[int, int] | None = None
+        self._sentry_recheck = False  # a held worker died: wake the sentry at release
         self._finalizer = weakref.finalize(self, _kill_leftovers, self._slots, self._proc_lock)
 
     def __repr__(self) -> str:
@@ -2070,6 +2075,9 @@ class ProcessPool:
             with self._cond:
                 slot.busy = False
                 self._cond.notify_all()
+                recheck, self._sentry_recheck = self._sentry_recheck, False
+            if recheck:
+                self._wake_sentry()
 
     def _recycle_reason(self, slot: _Slot) -> str | None:
         limit = self.max_tasks_per_worker
@@ -2149,6 +2157,124 @@ class ProcessPool:
         slot.starts += 1
         slot.psutil_process = None
         self._emit("worker_started", worker=slot.index, pid=slot.pid)
+        self._wake_sentry(start=True)
+
+    # ----------------------------------------------------------------- the sentry
+
+    def _wake_sentry(self, *, start: bool = False) -> None:
+        """Have the sentry look at the workers again (``start``: start it if need be)."""
+        with self._cond:
+            if self._sentry is None:
+                if not start or self._closed:
+                    return
+                r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+                self._sentry_pipe = (r, w)
+                self._sentry = threading.Thread(
+                    target=self._sentry_main, name=f"actorflow-{self.name}-sentry", daemon=True
+                )
+                self._sentry.start()
+                return
+            pipe = self._sentry_pipe
+        if pipe is not None:
+            with contextlib.suppress(OSError):  # full: it will look anyway
+                os.write(pipe[1], b"x")
+
+    def _sentry_main(self) -> None:
+        """Notice at once a worker that dies while no thread holds it (its exit
+        sentinel, not polling): report it and start its replacement.
+
+        A worker held by a thread (a call or a lease) is that thread's: it sees
+        the death itself, mid-batch, and re-sends or isolates the items. Here
+        the sentry waits on the sentinels of every live worker and on its wake
+        pipe (a worker started: look again; shutdown: stop).
+        """
+        assert self._sentry_pipe is not None
+        rfd = self._sentry_pipe[0]
+        # dead processes (the objects: an id() could be reused) already handled, and
+        # those a thread held when they died (looked at again at its release)
+        seen_dead: set[BaseProcess] = set()
+        held_dead: set[BaseProcess] = set()
+        while True:
+            watched: dict[int, tuple[_Slot, BaseProcess]] = {}
+            with self._cond:
+                if self._closed:
+                    return
+                with self._proc_lock:
+                    current = {slot.process for slot in self._slots}
+                    seen_dead &= current  # forget the ones replaced since
+                    for slot in self._slots:
+                        proc = slot.process
+                        if proc is None or proc in seen_dead or proc in held_dead:
+                            continue
+                        try:
+                            watched[proc.sentinel] = (slot, proc)
+                        except ValueError:  # closed: being reaped by its holder
+                            continue
+            poller = select.poll()
+            poller.register(rfd, select.POLLIN)
+            for fd in watched:
+                poller.register(fd, select.POLLIN)
+            try:
+                events = poller.poll()
+            except InterruptedError:  # pragma: no cover - retried by Python itself
+                continue
+            for fd, _ in events:
+                if fd == rfd:
+                    with contextlib.suppress(OSError):
+                        while os.read(rfd, 4096):
+                            pass
+                    held_dead.clear()  # released meanwhile, perhaps: look again
+                    continue
+                slot, proc = watched[fd]
+                with self._cond:
+                    if self._is_closed():  # (read again: shutdown may have begun)
+                        return
+                    if slot.process is not proc:
+                        continue  # replaced meanwhile
+                    if slot.busy:
+                        # its holder sees the death if it sends it more; if not, it
+                        # is ours once released (_release wakes us)
+                        held_dead.add(proc)
+                        self._sentry_recheck = True
+                        continue
+                    slot.busy = True  # claimed, as a call would: nobody else touches it
+                exited = False
+                try:
+                    exited = slot.exited()
+                    if exited:
+                        self._ensure_started(slot)  # reap, report worker_died, start anew
+                        self._await_ready(slot)
+                except Exception as exc:  # PoolClosed at shutdown; a failed restart
+                    if not self._closed:
+                        self._log.warning(
+                            "worker_restart_failed", worker=slot.index, error=safe_repr(exc)
+                        )
+                finally:
+                    self._release(slot, recycle=False)
+                if exited:
+                    seen_dead.add(proc)
+                else:  # (not expected) do not spin on it: look again when woken
+                    held_dead.add(proc)
+
+    def _is_closed(self) -> bool:
+        return self._closed
+
+    def _stop_sentry(self) -> None:
+        """Stop and join the sentry thread (the pool is closed), close its pipe."""
+        with self._cond:
+            thread, pipe = self._sentry, self._sentry_pipe
+        if thread is None or pipe is None:
+            return
+        with contextlib.suppress(OSError):
+            os.write(pipe[1], b"x")
+        if thread is not threading.current_thread():
+            thread.join()
+        with self._cond:
+            self._sentry = None
+            self._sentry_pipe = None
+        for fd in pipe:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def _await_ready(self, slot: _Slot) -> None:
         if slot.ready or slot.process is None or slot.from_worker is None:
@@ -2187,9 +2313,14 @@ class ProcessPool:
         if not started:
             description += " during start-up"
         if not self._killed:
-            self._log.warning(
-                "worker_died", worker=slot.index, pid=pid, exitcode=exitcode, in_flight=in_flight
-            )
+            if self._on_event is None:  # (a handler logs it: see _emit)
+                self._log.warning(
+                    "worker_died",
+                    worker=slot.index,
+                    pid=pid,
+                    exitcode=exitcode,
+                    in_flight=in_flight,
+                )
             self._emit(
                 "worker_died",
                 worker=slot.index,
@@ -2212,7 +2343,8 @@ class ProcessPool:
 
     def _time_out(self, slot: _Slot, ex: _Exchange, position: int, timeout: float) -> _Exchange:
         pid = slot.pid
-        self._log.warning("worker_timed_out", worker=slot.index, pid=pid, timeout=timeout)
+        if self._on_event is None:
+            self._log.warning("worker_timed_out", worker=slot.index, pid=pid, timeout=timeout)
         self._emit("worker_timed_out", worker=slot.index, pid=pid, timeout=timeout)
         exitcode = self._terminate(slot)
         self._forget(slot, pid, f"worker process killed after an item ran over {timeout:g} s")
@@ -2236,7 +2368,8 @@ class ProcessPool:
                 self._terminate(slot)
             self._reap(slot, wait_s=None)
         if reason != "shutdown" and not self._killed:  # (cancel(): part of the stop)
-            self._log.info("worker_recycled", worker=slot.index, pid=pid, reason=reason)
+            if self._on_event is None:
+                self._log.info("worker_recycled", worker=slot.index, pid=pid, reason=reason)
             self._emit("worker_recycled", worker=slot.index, pid=pid, reason=reason)
         self._forget(slot, pid, None if reason == "shutdown" else f"worker {reason}")
 
@@ -2289,7 +2422,8 @@ class ProcessPool:
         for key, index in lost:
             by_key.setdefault(key, []).append(index)
         for key, indices in sorted(by_key.items()):
-            self._log.warning("instance_state_lost", key=key, worker=slot.index, pid=pid)
+            if self._on_event is None:
+                self._log.warning("instance_state_lost", key=key, worker=slot.index, pid=pid)
             self._emit(
                 "instance_state_lost",
                 key=key,
@@ -2300,6 +2434,8 @@ class ProcessPool:
             )
 
     def _emit(self, event: str, **data: Any) -> None:
+        """Hand a pool event to ``on_event``, which logs it (the pool logs it itself
+        only without a handler: one log record per event)."""
         if self._on_event is None:
             return
         data.setdefault("pool", self.name)
@@ -2396,6 +2532,7 @@ class ProcessPool:
             if kill:
                 self._killed = True
             self._cond.notify_all()
+        self._stop_sentry()  # (it may be restarting a worker: joined first)
         if kill:
             for slot in self._slots:
                 self._signal(slot, signal.SIGKILL)
