@@ -623,6 +623,29 @@ def test_a_worker_killed_while_idle_is_noticed_and_restarted_at_once(
     assert len(died) == 1
 
 
+def test_an_unpicklable_result_is_blamed_on_the_task_that_returned_it() -> None:
+    # the message named 'partial', the engine's wrapper (acceptance test of issue 4)
+    @af.task(executor="process")
+    def first(x: int) -> int:
+        return x
+
+    @af.task(executor="process")
+    def make_lock(x: int) -> Any:
+        return threading.Lock()
+
+    @af.flow
+    def f(x: int) -> Any:
+        return make_lock(first(x))
+
+    with pytest.raises(af.RunFailed) as info:
+        f.run(1, processes=1)
+    (failure,) = info.value.failures
+    assert failure.task == "make_lock"
+    assert "make_lock' (lock) could not be pickled" in failure.message  # its qualname
+    assert failure.function is not None
+    assert failure.function.endswith("make_lock")
+
+
 def test_slow_items_are_spread_evenly_over_the_workers() -> None:
     # a quick item first leaves a misleading estimate of the node's time per item;
     # a map of slow items must still go item by item, not in pairs to one worker

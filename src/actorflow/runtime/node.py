@@ -243,6 +243,11 @@ def _remote_stage(fn: Any, call: Any, v: Any) -> Any:
     return call(fn, v)
 
 
+# partials of these name the task's function as their first argument (errors name it)
+_remote_stage0.af_stage = True  # type: ignore[attr-defined]
+_remote_stage.af_stage = True  # type: ignore[attr-defined]
+
+
 def _remote_retryable(t: Any, exc: BaseException | None, type_name: str, attempt: int) -> bool:
     if attempt > t.retries:
         return False

@@ -130,6 +130,7 @@ A per-logger level set in the parent is not mirrored in workers (only the root's
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import math
@@ -517,6 +518,8 @@ class PoolClosed(ActorflowError):
 
 
 def _code_location(fn: Any) -> tuple[str | None, int | None, str | None]:
+    while isinstance(fn, functools.partial):  # a bound task: the function it runs
+        fn = fn.args[0] if getattr(fn.func, "af_stage", False) and fn.args else fn.func
     code = getattr(fn, "__code__", None)
     if code is None:  # a callable object: describe its class's __call__
         code = getattr(type(fn).__dict__.get("__call__"), "__code__", None)
