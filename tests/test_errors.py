@@ -74,3 +74,32 @@ def test_run_failed_summarises_every_failure_and_pickles() -> None:
 def test_safe_repr_never_raises_and_truncates(value: Any) -> None:
     text = safe_repr(value, limit=100)
     assert len(text) <= 100
+
+
+def test_a_missing_key_in_node_indexing_names_the_source_node_and_the_fix() -> None:
+    # the failure read only "KeyError 'k'", blamed on the consumer or the flow, with no
+    # location (acceptance test of issue 2)
+    @af.task
+    def ident(x: Any) -> Any:
+        return x
+
+    @af.task
+    def use(v: Any) -> Any:
+        return ("used", v)
+
+    @af.flow
+    def out_proj(x: Any) -> Any:
+        return ident(x)["k"]
+
+    @af.flow
+    def mid_proj(x: Any) -> Any:
+        return use(ident(x)["k"])
+
+    for flow, prefix in ((out_proj, "the flow's output"), (mid_proj, "task 'use' did not run")):
+        with pytest.raises(af.RunFailed) as info:
+            flow.run({})
+        (failure,) = info.value.failures
+        assert failure.error_type == "KeyError"
+        assert failure.message.startswith(prefix)
+        assert "taking ['k'] from the output of 'ident'" in failure.message
+    assert mid_proj.run({"k": 1}) == ("used", 1)

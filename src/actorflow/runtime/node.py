@@ -33,6 +33,7 @@ Memory per edge is therefore bounded by ``capacity`` plus one batch per sender.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import itertools
 import logging
@@ -47,7 +48,7 @@ from typing import Any
 
 from actorflow._markers import SKIP
 from actorflow.errors import Failure, RunFailed, TaskTimeout, _InnerFailures
-from actorflow.graph import Gather, Ref
+from actorflow.graph import INPUT, Gather, Ref
 from actorflow.runtime.plan import NodePlan, SegmentPlan
 from actorflow.task import stable_hash
 
@@ -230,6 +231,49 @@ class _ArgsCall:
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_ArgsCall, (self.args, self.kwargs))
+
+
+def projection_error(refs: Any) -> str | None:
+    """Describe the first ``(source name, value, path)`` whose path does not index its
+    value (the flow wrote ``node["key"]`` and the key is missing), or None.
+
+    Called on the error path only: indexing happens inside generated code, where a
+    failure would otherwise name no source and no location.
+    """
+    for src, value, path in refs:
+        v = value
+        for i, key in enumerate(path):
+            try:
+                v = v[key]
+            except Exception as exc:
+                shown = "".join(f"[{k!r}]" for k in path[: i + 1])
+                who = "the flow's input" if src == INPUT else f"the output of {src!r}"
+                return (
+                    f"taking {shown} from {who} failed: {type(exc).__name__}: {exc} (the flow "
+                    f"indexes it, node{shown}; check the key, or index inside a task)"
+                )
+    return None
+
+
+def _binding_refs(spec: Any, v_in: Any, n_ports: int) -> list[tuple[str, Any, Any]]:
+    """``(source, value, path)`` of every indexed input of ``spec``'s call."""
+    out: list[tuple[str, Any, Any]] = []
+
+    def walk(t: Any) -> None:
+        if isinstance(t, Ref):
+            if t.path and t.dep < len(spec.deps):
+                value = v_in if n_ports == 1 else v_in[t.dep]
+                out.append((spec.deps[t.dep], value, t.path))
+        elif isinstance(t, Gather):
+            for item in t.items:
+                walk(item[1] if t.kind == "dict" else item)
+
+    b = spec.binding
+    for a in b.args:
+        walk(a)
+    for _, a in b.kwargs:
+        walk(a)
+    return out
 
 
 def _remote_stage0(fn: Any, call: Any, v: Any) -> Any:
@@ -1765,6 +1809,18 @@ class Segment:
             inputs=inputs,
             executor=t.executor,
         )
+        if failure.file_path is None and node.kind == "task":
+            # no user frame: it may have failed before the call, taking an indexed input
+            try:
+                why = projection_error(
+                    _binding_refs(node.spec, v_in, self.n_ports if k == 0 else 1)
+                )
+            except Exception:  # describing must never fail the failure
+                why = None
+            if why is not None:
+                failure = dataclasses.replace(
+                    failure, message=f"task {node.name!r} did not run: {why}"
+                )
         ctx.on_task_failed(failure)
         return Failed((failure,))
 

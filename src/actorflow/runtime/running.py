@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import concurrent.futures
+import dataclasses
 import gc
 import itertools
 import logging
@@ -27,10 +28,10 @@ from typing import TYPE_CHECKING, Any
 
 from actorflow._markers import SKIP
 from actorflow.errors import ActorflowError, Failure, RunFailed
-from actorflow.graph import EntrySpec
+from actorflow.graph import EntrySpec, Gather, _OutRef
 from actorflow.observe.log import EventLog, enabled
 from actorflow.runtime.actors import Deadlines, HostPool
-from actorflow.runtime.node import Failed, Joiner, RunContext, Segment
+from actorflow.runtime.node import Failed, Joiner, RunContext, Segment, projection_error
 from actorflow.runtime.plan import Plan, compile_plan
 from actorflow.supervision import Supervision
 
@@ -265,7 +266,8 @@ class _Sink:
         self.joiner = Joiner(n) if n > 1 else None
         self.lock = threading.Lock()
         self.output_fn = plan.output_fn
-        tmpl = plan.output
+        tmpl = self.template = plan.output
+        self.sink_names = plan.sink_ports
         # the common case: the output is exactly the value of the single sink port
         self.identity = n == 1 and getattr(tmpl, "name", None) == "0" and not tmpl.path
         # batches of one port may arrive in any order (Segment.connect); a join of
@@ -307,9 +309,33 @@ class _Sink:
                 failure = Failure.capture(
                     exc, task=self.flow.name, item_id=item, run_id=self.flow.run_id
                 )
+                why = self._projection_error(parts)
+                if why is not None:
+                    failure = dataclasses.replace(
+                        failure, message=f"the flow's output could not be built: {why}"
+                    )
                 self.flow.on_task_failed(failure)
                 out.append(Failed((failure,)))
         return out, True
+
+    def _projection_error(self, parts: Any) -> str | None:
+        refs: list[tuple[str, Any, Any]] = []
+        names = self.sink_names
+
+        def walk(t: Any) -> None:
+            if isinstance(t, _OutRef):
+                if t.path:
+                    port = int(t.name)
+                    refs.append((names[port], parts[port], t.path))
+            elif isinstance(t, Gather):
+                for item in t.items:
+                    walk(item[1] if t.kind == "dict" else item)
+
+        try:
+            walk(self.template)
+            return projection_error(refs)
+        except Exception:  # describing must never fail the failure
+            return None
 
 
 class _ReadAhead:
