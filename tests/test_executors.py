@@ -260,6 +260,13 @@ def test_executor_async_on_a_plain_function_is_refused() -> None:
         af.task(executor="async")(lambda x: x)
 
 
+def test_concurrency_on_a_task_that_is_not_async_is_refused_not_ignored() -> None:
+    with pytest.raises(af.GraphError, match=r"this is a process task.*use workers=N"):
+        af.task(executor="process", concurrency=8)(abs)
+    with pytest.raises(af.GraphError, match="this is a thread task"):
+        af.task(concurrency=8)(abs)
+
+
 @af.task(key=lambda ev: ev["service"], workers=4)
 class PerService:
     """Counts events per service; one instance per key bucket."""

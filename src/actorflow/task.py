@@ -398,6 +398,12 @@ def task(
             raise GraphError(
                 f"task {label!r}: concurrency must be an int >= 1, got {concurrency!r}"
             )
+        if concurrency != 100 and kind != "async":  # (100: the default)
+            raise GraphError(
+                f"task {label!r}: concurrency= bounds the awaits of an async task (async "
+                f"def); this is a {kind} task, which runs up to workers= calls at once: use "
+                "workers=N"
+            )
         if is_generator:
             raise GraphError(
                 f"task {label!r} is a generator function: generator (flat-map) tasks arrive "
