@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import pickle
+import threading
 from typing import Any
 
 import cloudpickle
@@ -295,6 +296,42 @@ def test_an_unpicklable_process_task_is_refused_when_built_naming_the_object() -
     assert "task 'guarded' cannot run in a worker process" in message
     assert "'lock'" in message
     assert "executor='thread'" in message
+
+
+def _one_param(body: Any) -> Any:
+    def run(x: int) -> Any:
+        return body(x)
+
+    return run
+
+
+def test_an_unpicklable_object_behind_a_helper_or_a_default_is_named() -> None:
+    # the refusal named only 'helper' (a function), or nothing ("it (TypeError...)")
+    lock = threading.Lock()
+
+    def helper(x: int) -> int:
+        with lock:
+            return x
+
+    def via_helper(x: int) -> int:
+        return helper(x)
+
+    def with_default(x: int, _lock: Any = lock) -> int:
+        return x
+
+    for fn, culprit in (
+        (via_helper, "'helper' -> 'lock' (_thread.lock)"),
+        (with_default, "'default of _lock' (_thread.lock)"),
+    ):
+        t = af.task(executor="process")(fn)
+
+        def body(x: int, t: Any = t) -> Any:
+            return t(x)
+
+        flow = af.flow(_one_param(body))
+        with pytest.raises(af.GraphError) as info:
+            _ = flow.graph
+        assert culprit in str(info.value)
 
 
 def test_key_on_a_function_task_is_refused_with_the_fix() -> None:

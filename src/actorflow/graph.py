@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from inspect import CO_VARARGS
-from types import FunctionType
+from types import FunctionType, MethodType
 from typing import TYPE_CHECKING, Any, Literal
 
 from actorflow.errors import GraphError
@@ -610,6 +610,53 @@ def _check_arity(graph: str, spec: NodeSpec) -> None:
         ) from None
 
 
+def _parts_of(value: Any) -> list[tuple[str, Any]]:
+    """The named pieces cloudpickle ships with ``value`` (for naming a culprit)."""
+    if isinstance(value, MethodType):
+        return [("self", value.__self__), ("function", value.__func__)]
+    if isinstance(value, FunctionType):
+        code = value.__code__
+        parts: list[tuple[str, Any]] = []
+        for cell_name, cell in zip(code.co_freevars, value.__closure__ or (), strict=False):
+            try:
+                parts.append((cell_name, cell.cell_contents))
+            except ValueError:  # an empty cell
+                pass
+        fn_globals = value.__globals__
+        parts.extend((name, fn_globals[name]) for name in code.co_names if name in fn_globals)
+        defaults = value.__defaults__ or ()
+        names = code.co_varnames[: code.co_argcount][-len(defaults) :] if defaults else ()
+        parts.extend((f"default of {n}", d) for n, d in zip(names, defaults, strict=False))
+        parts.extend((f"default of {n}", d) for n, d in (value.__kwdefaults__ or {}).items())
+        return parts
+    if isinstance(value, dict):
+        return [(f"[{k!r}]", v) for k, v in list(value.items())[:50]]
+    if isinstance(value, list | tuple):
+        return [(f"[{i}]", v) for i, v in enumerate(value[:50])]
+    attrs = getattr(value, "__dict__", None)
+    if isinstance(attrs, dict) and not isinstance(value, type):
+        return [(f".{k}", v) for k, v in list(attrs.items())[:50]]
+    return []
+
+
+def _unpicklable_part(value: Any, dumps: Callable[[Any], bytes], depth: int = 0) -> str | None:
+    """The path to the innermost piece of ``value`` that does not pickle, e.g.
+    ``'helper' -> 'LOCK' (_thread.lock)``; None when no single piece is to blame."""
+    for name, part in _parts_of(value):
+        try:
+            dumps(part)
+            continue
+        except Exception:
+            pass
+        inner = _unpicklable_part(part, dumps, depth + 1) if depth < 3 else None
+        here = f"{name!r}" if not name.startswith((".", "[")) else name
+        if inner is not None:
+            sep = "" if inner.startswith((".", "[")) else " -> "
+            return f"{here}{sep}{inner}"
+        return f"{here} ({type(part).__module__}.{type(part).__qualname__})"
+    return None
+
+
 def _check_picklable(spec: NodeSpec) -> None:
     """Refuse a process task that cannot be shipped to a worker, naming the culprit."""
     import cloudpickle
@@ -622,26 +669,7 @@ def _check_picklable(spec: NodeSpec) -> None:
         return
     except Exception as exc:
         reason = f"{type(exc).__name__}: {exc}"
-    culprit = None
-    code = getattr(fn, "__code__", None)
-    candidates: list[tuple[str, Any]] = []
-    for cell_name, cell in zip(
-        getattr(code, "co_freevars", ()), getattr(fn, "__closure__", None) or (), strict=False
-    ):
-        try:
-            candidates.append((cell_name, cell.cell_contents))
-        except ValueError:
-            pass
-    fn_globals = getattr(fn, "__globals__", {})
-    for name in getattr(code, "co_names", ()):
-        if name in fn_globals:
-            candidates.append((name, fn_globals[name]))
-    for name, value in candidates:
-        try:
-            cloudpickle.dumps(value)
-        except Exception:
-            culprit = f"{name!r} ({type(value).__module__}.{type(value).__qualname__})"
-            break
+    culprit = _unpicklable_part(fn, cloudpickle.dumps)
     what = culprit or f"it ({reason})"
     raise GraphError(
         f"task {spec.name!r} cannot run in a worker process: {what} is not picklable; "
