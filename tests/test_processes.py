@@ -1074,3 +1074,22 @@ def test_close_gives_pool_closed_to_a_thread_waiting_for_a_worker(solo: ProcessP
     assert isinstance(got[0], PoolClosed)
     with pytest.raises(PoolClosed):
         solo.try_lease("pid")  # closed: no new lease either
+
+
+def test_a_pool_dropped_without_shutdown_is_collected_with_its_sentry_and_workers() -> None:
+    # the sentry thread held the pool (a bound method): never collected, its workers
+    # and thread left behind, and at exit the sentry restarted the killed workers
+    import gc
+    import weakref
+
+    pool = ProcessPool(2, name="dropped")
+    pool.register("abs", [abs])
+    pool.start()
+    pids = [w["pid"] for w in pool.stats()]
+    assert any(t.name == "actorflow-dropped-sentry" for t in threading.enumerate())
+    ref = weakref.ref(pool)
+    del pool
+    gc.collect()
+    assert ref() is None
+    wait_until(lambda: all(_gone(pid) for pid in pids))
+    wait_until(lambda: not any(t.name == "actorflow-dropped-sentry" for t in threading.enumerate()))

@@ -1120,6 +1120,7 @@ class _Slot:
         self.poller: Any = None
         self.conn_fd = -1
         self.sentinel_fd = -1
+        self.sentry_recheck = False  # died while held: its release wakes the sentry
 
     def exited(self) -> bool:
         """Whether the worker process has exited (its sentinel is readable): one
@@ -1200,8 +1201,11 @@ def _pickle_code(value: Any, fns: Sequence[Any], what: str) -> bytes:
         ) from exc
 
 
-def _kill_leftovers(slots: list[_Slot], lock: threading.Lock) -> None:
-    """Finalizer: kill and reap any worker still running (pool dropped without shutdown)."""
+def _kill_leftovers(slots: list[_Slot], lock: threading.Lock, sentries: list[_Sentry]) -> None:
+    """Finalizer: kill and reap any worker still running (pool dropped without shutdown,
+    or at exit); the sentry first, or it would start replacements."""
+    for sentry in sentries:
+        sentry.stop()
     for slot in slots:
         with lock:
             proc = slot.process
@@ -1211,6 +1215,98 @@ def _kill_leftovers(slots: list[_Slot], lock: threading.Lock) -> None:
                 proc.kill()
         with contextlib.suppress(Exception):
             proc.join(_STOP_GRACE_S)
+
+
+class _Sentry:
+    """A pool's watcher of idle workers: a thread that waits on every live worker's
+    exit sentinel (and a wake pipe), so a worker that dies while no thread holds it
+    is reported and replaced at once (``ProcessPool._sentry_found``).
+
+    It holds only a weak reference to the pool between rounds, so a pool dropped
+    without ``shutdown()`` is still collected (its finalizer stops the sentry).
+
+    Example::
+
+        sentry = _Sentry(pool)
+        sentry.thread.start()
+        sentry.wake()    # a worker started: look again
+        sentry.stop()    # joins the thread, closes the pipe
+    """
+
+    def __init__(self, pool: ProcessPool) -> None:
+        r, w = os.pipe()  # (os.pipe2 is Linux only)
+        os.set_blocking(r, False)
+        os.set_blocking(w, False)
+        self.rfd, self.wfd = r, w
+        self.lock = threading.Lock()  # the pipe and ``closed``
+        self.closed = False
+        self.thread = threading.Thread(
+            target=_sentry_main,
+            args=(weakref.ref(pool), self),
+            name=f"actorflow-{pool.name}-sentry",
+            daemon=True,
+        )
+
+    def is_closed(self) -> bool:
+        return self.closed
+
+    def wake(self) -> None:
+        with self.lock:
+            if not self.closed:
+                with contextlib.suppress(OSError):  # full: it will look anyway
+                    os.write(self.wfd, b"x")
+
+    def stop(self) -> None:
+        """Stop the thread and join it (unless it is the caller), then close the pipe."""
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            with contextlib.suppress(OSError):
+                os.write(self.wfd, b"x")
+        thread = self.thread
+        if thread.ident is not None and thread is not threading.current_thread():
+            thread.join()
+            for fd in (self.rfd, self.wfd):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        # (called in its own thread, by a finalizer: the pipe is left to the process)
+
+
+def _sentry_main(pool_ref: weakref.ref[ProcessPool], sentry: _Sentry) -> None:
+    seen_dead: set[BaseProcess] = set()  # dead processes handled (objects: ids recur)
+    held_dead: set[BaseProcess] = set()  # dead while held: looked at again when woken
+    rfd = sentry.rfd
+    try:
+        while not sentry.closed:
+            pool = pool_ref()
+            watched = None if pool is None else pool._sentry_watch(seen_dead, held_dead)
+            del pool  # not held while waiting: a dropped pool is collected
+            if watched is None:
+                return
+            poller = select.poll()
+            poller.register(rfd, select.POLLIN)
+            for fd in watched:
+                poller.register(fd, select.POLLIN)
+            events = poller.poll()
+            if sentry.is_closed():  # (read again: stop() may have run meanwhile)
+                return
+            pool = pool_ref()
+            if pool is None:
+                return
+            for fd, _ in events:
+                if fd == rfd:
+                    with contextlib.suppress(OSError):
+                        while os.read(rfd, 4096):
+                            pass
+                    held_dead.clear()  # released or restarted meanwhile: look again
+                    continue
+                slot, proc = watched[fd]
+                pool._sentry_found(slot, proc, seen_dead, held_dead)
+            del pool
+    except BaseException as exc:  # nothing may escape a thread
+        if not sentry.closed:
+            EventLog().error("sentry_failed", error=safe_repr(exc))
 
 
 _HEADER = struct.Struct("!i")  # multiprocessing.Connection's frame header
@@ -1350,12 +1446,13 @@ class ProcessPool:
         self._versions = itertools.count(1)
         self._batch_ids = itertools.count(_HELLO_BATCH + 1)
         self._acquiring = 0  # threads waiting in _acquire for a free worker
-        # the sentry thread (see _sentry_main), started with the first worker, and
-        # the pipe that wakes it (a worker started, or shutdown)
-        self._sentry: threading.Thread | None = None
-        self._sentry_pipe: tuple[int, int] | None = None
-        self._sentry_recheck = False  # a held worker died: wake the sentry at release
-        self._finalizer = weakref.finalize(self, _kill_leftovers, self._slots, self._proc_lock)
+        # the sentry (see _Sentry), started with the first worker; in a list the
+        # finalizer holds, so a pool dropped without shutdown stops it too
+        self._sentry: _Sentry | None = None
+        self._sentries: list[_Sentry] = []
+        self._finalizer = weakref.finalize(
+            self, _kill_leftovers, self._slots, self._proc_lock, self._sentries
+        )
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -2078,7 +2175,7 @@ class ProcessPool:
             with self._cond:
                 slot.busy = False
                 self._cond.notify_all()
-                recheck, self._sentry_recheck = self._sentry_recheck, False
+                recheck, slot.sentry_recheck = slot.sentry_recheck, False
             if recheck:
                 self._wake_sentry()
 
@@ -2167,117 +2264,76 @@ class ProcessPool:
     def _wake_sentry(self, *, start: bool = False) -> None:
         """Have the sentry look at the workers again (``start``: start it if need be)."""
         with self._cond:
-            if self._sentry is None:
+            sentry = self._sentry
+            if sentry is None:
                 if not start or self._closed:
                     return
-                r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-                self._sentry_pipe = (r, w)
-                self._sentry = threading.Thread(
-                    target=self._sentry_main, name=f"actorflow-{self.name}-sentry", daemon=True
-                )
-                self._sentry.start()
+                sentry = self._sentry = _Sentry(self)
+                self._sentries.append(sentry)
+                sentry.thread.start()
                 return
-            pipe = self._sentry_pipe
-        if pipe is not None:
-            with contextlib.suppress(OSError):  # full: it will look anyway
-                os.write(pipe[1], b"x")
+        sentry.wake()
 
-    def _sentry_main(self) -> None:
-        """Notice at once a worker that dies while no thread holds it (its exit
-        sentinel, not polling): report it and start its replacement.
-
-        A worker held by a thread (a call or a lease) is that thread's: it sees
-        the death itself, mid-batch, and re-sends or isolates the items. Here
-        the sentry waits on the sentinels of every live worker and on its wake
-        pipe (a worker started: look again; shutdown: stop).
-        """
-        assert self._sentry_pipe is not None
-        rfd = self._sentry_pipe[0]
-        # dead processes (the objects: an id() could be reused) already handled, and
-        # those a thread held when they died (looked at again at its release)
-        seen_dead: set[BaseProcess] = set()
-        held_dead: set[BaseProcess] = set()
-        while True:
-            watched: dict[int, tuple[_Slot, BaseProcess]] = {}
-            with self._cond:
-                if self._closed:
-                    return
-                with self._proc_lock:
-                    current = {slot.process for slot in self._slots}
-                    seen_dead &= current  # forget the ones replaced since
-                    for slot in self._slots:
-                        proc = slot.process
-                        if proc is None or proc in seen_dead or proc in held_dead:
-                            continue
-                        try:
-                            watched[proc.sentinel] = (slot, proc)
-                        except ValueError:  # closed: being reaped by its holder
-                            continue
-            poller = select.poll()
-            poller.register(rfd, select.POLLIN)
-            for fd in watched:
-                poller.register(fd, select.POLLIN)
-            try:
-                events = poller.poll()
-            except InterruptedError:  # pragma: no cover - retried by Python itself
-                continue
-            for fd, _ in events:
-                if fd == rfd:
-                    with contextlib.suppress(OSError):
-                        while os.read(rfd, 4096):
-                            pass
-                    held_dead.clear()  # released meanwhile, perhaps: look again
-                    continue
-                slot, proc = watched[fd]
-                with self._cond:
-                    if self._is_closed():  # (read again: shutdown may have begun)
-                        return
-                    if slot.process is not proc:
-                        continue  # replaced meanwhile
-                    if slot.busy:
-                        # its holder sees the death if it sends it more; if not, it
-                        # is ours once released (_release wakes us)
-                        held_dead.add(proc)
-                        self._sentry_recheck = True
+    def _sentry_watch(
+        self, seen_dead: set[BaseProcess], held_dead: set[BaseProcess]
+    ) -> dict[int, tuple[_Slot, BaseProcess]] | None:
+        """The sentinels the sentry waits on: every live worker's but the dead ones
+        it handled or left to their holder; None once the pool is closed."""
+        watched: dict[int, tuple[_Slot, BaseProcess]] = {}
+        with self._cond:
+            if self._closed:
+                return None
+            with self._proc_lock:
+                seen_dead &= {slot.process for slot in self._slots}  # forget replaced ones
+                for slot in self._slots:
+                    proc = slot.process
+                    if proc is None or proc in seen_dead or proc in held_dead:
                         continue
-                    slot.busy = True  # claimed, as a call would: nobody else touches it
-                exited = False
-                try:
-                    exited = slot.exited()
-                    if exited:
-                        self._ensure_started(slot)  # reap, report worker_died, start anew
-                        self._await_ready(slot)
-                except Exception as exc:  # PoolClosed at shutdown; a failed restart
-                    if not self._closed:
-                        self._log.warning(
-                            "worker_restart_failed", worker=slot.index, error=safe_repr(exc)
-                        )
-                finally:
-                    self._release(slot, recycle=False)
-                if exited:
-                    seen_dead.add(proc)
-                else:  # (not expected) do not spin on it: look again when woken
-                    held_dead.add(proc)
+                    try:
+                        watched[proc.sentinel] = (slot, proc)
+                    except ValueError:  # closed: being reaped by its holder
+                        continue
+        return watched
 
-    def _is_closed(self) -> bool:
-        return self._closed
+    def _sentry_found(
+        self,
+        slot: _Slot,
+        proc: BaseProcess,
+        seen_dead: set[BaseProcess],
+        held_dead: set[BaseProcess],
+    ) -> None:
+        """``proc``'s sentinel fired: if nobody holds its slot, report the death and
+        start the replacement (its hello is read by the next call, as after any start).
+        A held worker is its holder's; if the holder gives it back without noticing,
+        its release wakes the sentry (``slot.sentry_recheck``)."""
+        with self._cond:
+            if self._closed or slot.process is not proc:
+                return
+            if slot.busy:
+                held_dead.add(proc)
+                slot.sentry_recheck = True
+                return
+            slot.busy = True  # claimed, as a call would: nobody else touches it now
+        exited = False
+        try:
+            exited = slot.exited()
+            if exited:
+                self._ensure_started(slot)  # reap, report worker_died, start anew
+        except Exception as exc:  # PoolClosed at shutdown; a start that failed
+            if not self._closed:
+                self._log.warning("worker_restart_failed", worker=slot.index, error=safe_repr(exc))
+        finally:
+            self._release(slot, recycle=False)
+        if exited:
+            seen_dead.add(proc)
+        else:  # (not expected) do not spin on it: look again when woken
+            held_dead.add(proc)
 
     def _stop_sentry(self) -> None:
-        """Stop and join the sentry thread (the pool is closed), close its pipe."""
         with self._cond:
-            thread, pipe = self._sentry, self._sentry_pipe
-        if thread is None or pipe is None:
-            return
-        with contextlib.suppress(OSError):
-            os.write(pipe[1], b"x")
-        if thread is not threading.current_thread():
-            thread.join()
-        with self._cond:
-            self._sentry = None
-            self._sentry_pipe = None
-        for fd in pipe:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+            sentry, self._sentry = self._sentry, None
+        if sentry is not None:
+            sentry.stop()
 
     def _await_ready(self, slot: _Slot) -> None:
         if slot.ready or slot.process is None or slot.from_worker is None:
@@ -2535,10 +2591,10 @@ class ProcessPool:
             if kill:
                 self._killed = True
             self._cond.notify_all()
-        self._stop_sentry()  # (it may be restarting a worker: joined first)
         if kill:
             for slot in self._slots:
                 self._signal(slot, signal.SIGKILL)
+        self._stop_sentry()  # (it may be starting a worker: joined before the stops)
         with self._cond:
             while any(slot.busy for slot in self._slots):
                 self._cond.wait()
