@@ -1093,3 +1093,35 @@ def test_a_pool_dropped_without_shutdown_is_collected_with_its_sentry_and_worker
     assert ref() is None
     wait_until(lambda: all(_gone(pid) for pid in pids))
     wait_until(lambda: not any(t.name == "actorflow-dropped-sentry" for t in threading.enumerate()))
+
+
+class _DyingContext:
+    """A multiprocessing context whose processes exit at once (a worker that cannot
+    start: an import error, OOM...)."""
+
+    def __init__(self, ctx: Any) -> None:
+        self._ctx = ctx
+
+    def Process(self, *args: Any, **kwargs: Any) -> Any:  # mirrors the context API
+        kwargs["target"], kwargs["args"] = os._exit, (3,)
+        return self._ctx.Process(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ctx, name)
+
+
+def test_a_worker_that_dies_at_start_up_is_not_restarted_in_a_loop_by_the_sentry() -> None:
+    # the sentry restarted a worker that died before its hello, which died again, with
+    # no end (586 restarts in 2 s); such a worker is reaped and left to the next call
+    events: list[str] = []
+    pool = ProcessPool(1, name="dies", on_event=lambda name, data: events.append(name))
+    pool.register("abs", [abs])
+    pool._ctx = _DyingContext(pool._ctx)
+    try:
+        pool.launch()  # started without waiting for its hello: it dies
+        wait_until(lambda: events.count("worker_died") >= 1)
+        threading.Event().wait(0.5)  # an observation window: nothing more may happen
+        assert events.count("worker_started") == 1
+        assert events.count("worker_died") == 1
+    finally:
+        pool.shutdown()

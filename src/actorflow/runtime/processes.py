@@ -1240,6 +1240,7 @@ class _Sentry:
         self.rfd, self.wfd = r, w
         self.lock = threading.Lock()  # the pipe and ``closed``
         self.closed = False
+        self.pipe_open = True
         self.thread = threading.Thread(
             target=_sentry_main,
             args=(weakref.ref(pool), self),
@@ -1257,7 +1258,9 @@ class _Sentry:
                     os.write(self.wfd, b"x")
 
     def stop(self) -> None:
-        """Stop the thread and join it (unless it is the caller), then close the pipe."""
+        """Stop the thread and join it, then close the pipe. Called in the sentry's
+        own thread (a finalizer run there), it leaves the closing to the thread's
+        exit (``close_pipe``)."""
         with self.lock:
             if self.closed:
                 return
@@ -1265,12 +1268,20 @@ class _Sentry:
             with contextlib.suppress(OSError):
                 os.write(self.wfd, b"x")
         thread = self.thread
-        if thread.ident is not None and thread is not threading.current_thread():
+        if thread is threading.current_thread():
+            return
+        if thread.ident is not None:
             thread.join()
+        self.close_pipe()
+
+    def close_pipe(self) -> None:
+        with self.lock:
+            if not self.pipe_open:
+                return
+            self.pipe_open = False
             for fd in (self.rfd, self.wfd):
                 with contextlib.suppress(OSError):
                     os.close(fd)
-        # (called in its own thread, by a finalizer: the pipe is left to the process)
 
 
 def _sentry_main(pool_ref: weakref.ref[ProcessPool], sentry: _Sentry) -> None:
@@ -1307,6 +1318,18 @@ def _sentry_main(pool_ref: weakref.ref[ProcessPool], sentry: _Sentry) -> None:
     except BaseException as exc:  # nothing may escape a thread
         if not sentry.closed:
             EventLog().error("sentry_failed", error=safe_repr(exc))
+            pool = pool_ref()
+            if pool is not None:
+                pool._sentry_lost(sentry)  # the next worker start makes a new one
+            del pool
+    finally:
+        if sentry.closed and sentry.thread is threading.current_thread():
+            with sentry.lock:
+                joined_by_nobody = sentry.pipe_open
+            if joined_by_nobody:
+                # stopped from inside (a finalizer ran here), or failed: its pipe is
+                # its own to close (a joining stop() closes it after the join)
+                sentry.close_pipe()
 
 
 _HEADER = struct.Struct("!i")  # multiprocessing.Connection's frame header
@@ -2268,9 +2291,15 @@ class ProcessPool:
             if sentry is None:
                 if not start or self._closed:
                     return
-                sentry = self._sentry = _Sentry(self)
+                sentry = _Sentry(self)
+                try:
+                    sentry.thread.start()
+                except RuntimeError as exc:  # no thread to spare: deaths found on use
+                    sentry.close_pipe()
+                    self._log.warning("sentry_not_started", error=safe_repr(exc))
+                    return
+                self._sentry = sentry
                 self._sentries.append(sentry)
-                sentry.thread.start()
                 return
         sentry.wake()
 
@@ -2317,8 +2346,13 @@ class ProcessPool:
         exited = False
         try:
             exited = slot.exited()
-            if exited:
+            if exited and slot.ready:
                 self._ensure_started(slot)  # reap, report worker_died, start anew
+            elif exited:
+                # it never said hello (its hello is read by a call): reap and report
+                # it, and leave the restart to the next call, which reports why it
+                # fails if it does (a worker dying at start-up must not loop here)
+                self._lost(slot, None, in_flight=0)
         except Exception as exc:  # PoolClosed at shutdown; a start that failed
             if not self._closed:
                 self._log.warning("worker_restart_failed", worker=slot.index, error=safe_repr(exc))
@@ -2334,6 +2368,15 @@ class ProcessPool:
             sentry, self._sentry = self._sentry, None
         if sentry is not None:
             sentry.stop()
+
+    def _sentry_lost(self, sentry: _Sentry) -> None:
+        """The sentry thread failed (logged): forget it, so a new one starts with the
+        next worker; its pipe is closed as it exits."""
+        with self._cond:
+            if self._sentry is sentry:
+                self._sentry = None
+        with sentry.lock:
+            sentry.closed = True
 
     def _await_ready(self, slot: _Slot) -> None:
         if slot.ready or slot.process is None or slot.from_worker is None:
