@@ -114,7 +114,7 @@ class _Future(concurrent.futures.Future[Any]):
 
     _offers: list[Any] | None = None
     _pool: Any = None
-    _flow: Any = None  # until it resolves: the running flow (see _check_thread)
+    _flow: Any = None  # until it resolves: the running flow (see _wait_here)
     _has_callbacks = False
 
     def add_done_callback(self, fn: Callable[[concurrent.futures.Future[Any]], object]) -> None:
@@ -169,7 +169,8 @@ class _FutureOwner:
         flow = fut._flow
         fut._offers = fut._pool = fut._flow = None  # a kept future must not keep the run alive
         before = None
-        if fut._has_callbacks:
+        marked = fut._has_callbacks  # (read once: a callback may be added meanwhile)
+        if marked:
             # they run in this thread, which hands the node's outputs on: waiting
             # there for another item of the flow would wait for ever (refused)
             before = _RESOLVING.flow
@@ -182,7 +183,7 @@ class _FutureOwner:
         except concurrent.futures.InvalidStateError:
             pass  # the caller cancelled the future: the result is discarded
         finally:
-            if fut._has_callbacks:
+            if marked:
                 _RESOLVING.flow = before
 
     def abort(self, exc: BaseException) -> None:
