@@ -646,6 +646,35 @@ def test_an_unpicklable_result_is_blamed_on_the_task_that_returned_it() -> None:
     assert failure.function.endswith("make_lock")
 
 
+def test_skips_from_upstream_count_at_every_node_of_a_fused_process_chain() -> None:
+    # as on the thread path; they were counted at the chain's first node only
+    @af.task
+    def gate(x: int) -> Any:
+        return x if x % 5 == 0 else af.SKIP
+
+    @af.task(executor="process")
+    def plus(x: int) -> int:
+        return x + 1
+
+    @af.task(executor="process")
+    def twice(x: int) -> int:
+        return 2 * x
+
+    @af.flow
+    def f(x: int) -> Any:
+        return twice(plus(gate(x)))
+
+    with f.start(processes=1) as running:
+        out = list(running.map(range(100)))
+        metrics = running.metrics()
+    assert [v for v in out if v is not af.SKIP] == [2 * (x + 1) for x in range(0, 100, 5)]
+    assert {name: (m.done, m.skipped) for name, m in metrics.items()} == {
+        "gate": (20, 80),
+        "plus": (20, 80),
+        "twice": (20, 80),
+    }
+
+
 def test_slow_items_are_spread_evenly_over_the_workers() -> None:
     # a quick item first leaves a misleading estimate of the node's time per item;
     # a map of slow items must still go item by item, not in pairs to one worker

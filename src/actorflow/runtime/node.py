@@ -1366,7 +1366,12 @@ class Segment:
     ) -> tuple[Any, list[Any], bool]:
         """Merge the worker's results for ``prep``'s items into its outputs."""
         out, send_at, send, attempts, skipped, failures = prep
-        self.stats[0].skipped += skipped
+        if skipped:
+            # a skip marker passes every node of the chain: skipped at each, as on
+            # the thread path (it was counted at the first node only)
+            for k, node_stats in enumerate(self.stats):
+                if self.nodes[k].kind != "exceptionally":
+                    node_stats.skipped += skipped
         for failure in failures:
             self.stats[0].failed += 1
             self.ctx.on_task_failed(failure)
