@@ -144,11 +144,13 @@ class Node:
 _BRANCH = "branch inside a task, or return a pipeline from a task"
 
 
-def _operator(symbol: str) -> Callable[..., NoReturn]:
-    def op(self: Node, *other: Any) -> NoReturn:
-        _misuse(self, f"with the operator {symbol}", "compute it inside a task")
+def _refusing(how: str, fix: str) -> Callable[..., NoReturn]:
+    """A Node dunder method that raises GraphError: the Node was used ``how``."""
 
-    return op
+    def refuse(self: Node, *other: Any) -> NoReturn:
+        _misuse(self, how, fix)
+
+    return refuse
 
 
 for _name, _symbol in {
@@ -166,21 +168,23 @@ for _name, _symbol in {
     "lshift": "<<",
     "rshift": ">>",
 }.items():
-    setattr(Node, f"__{_name}__", _operator(_symbol))
-    setattr(Node, f"__r{_name}__", _operator(_symbol))
-for _name, _symbol in {"lt": "<", "le": "<=", "gt": ">", "ge": ">="}.items():
-    setattr(Node, f"__{_name}__", _operator(_symbol))
-for _name, _symbol in {"neg": "unary -", "pos": "unary +", "invert": "~", "abs": "abs()"}.items():
-    setattr(Node, f"__{_name}__", _operator(_symbol))
-
-
-def _conversion(how: str) -> Callable[..., NoReturn]:
-    def conv(self: Node, *args: Any) -> NoReturn:
-        _misuse(self, how, "convert it inside a task")
-
-    return conv
-
-
+    for _dunder in (f"__{_name}__", f"__r{_name}__"):
+        setattr(
+            Node, _dunder, _refusing(f"with the operator {_symbol}", "compute it inside a task")
+        )
+for _name, _symbol in {
+    "lt": "<",
+    "le": "<=",
+    "gt": ">",
+    "ge": ">=",
+    "neg": "unary -",
+    "pos": "unary +",
+    "invert": "~",
+    "abs": "abs()",
+}.items():
+    setattr(
+        Node, f"__{_name}__", _refusing(f"with the operator {_symbol}", "compute it inside a task")
+    )
 for _name, _how in {
     "round": "with round()",
     "trunc": "with math.trunc()",
@@ -188,7 +192,7 @@ for _name, _how in {
     "ceil": "with math.ceil()",
     "complex": "as a complex number",
 }.items():
-    setattr(Node, f"__{_name}__", _conversion(_how))
+    setattr(Node, f"__{_name}__", _refusing(_how, "convert it inside a task"))
 
 
 def _misuse(node: Node, how: str, fix: str) -> NoReturn:
