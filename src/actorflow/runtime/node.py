@@ -41,14 +41,14 @@ import select
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from itertools import islice, repeat
 from operator import is_
 from typing import Any
 
 from actorflow._markers import SKIP
 from actorflow.errors import Failure, RunFailed, TaskTimeout, _InnerFailures
-from actorflow.graph import INPUT, Gather, Ref
+from actorflow.graph import INPUT, Gather, Ref, _OutRef
 from actorflow.runtime.plan import NodePlan, SegmentPlan
 from actorflow.task import stable_hash
 
@@ -255,25 +255,26 @@ def projection_error(refs: Any) -> str | None:
     return None
 
 
+def indexed_refs(template: Any) -> Iterator[Any]:
+    """The :class:`Ref` / ``_OutRef`` leaves of a binding or output ``template`` that
+    index their value (``node["key"]``), depth first."""
+    if isinstance(template, Ref | _OutRef):
+        if template.path:
+            yield template
+    elif isinstance(template, Gather):
+        for item in template.items:
+            yield from indexed_refs(item[1] if template.kind == "dict" else item)
+
+
 def _binding_refs(spec: Any, v_in: Any, n_ports: int) -> list[tuple[str, Any, Any]]:
     """``(source, value, path)`` of every indexed input of ``spec``'s call."""
-    out: list[tuple[str, Any, Any]] = []
-
-    def walk(t: Any) -> None:
-        if isinstance(t, Ref):
-            if t.path and t.dep < len(spec.deps):
-                value = v_in if n_ports == 1 else v_in[t.dep]
-                out.append((spec.deps[t.dep], value, t.path))
-        elif isinstance(t, Gather):
-            for item in t.items:
-                walk(item[1] if t.kind == "dict" else item)
-
     b = spec.binding
-    for a in b.args:
-        walk(a)
-    for _, a in b.kwargs:
-        walk(a)
-    return out
+    templates = Gather("tuple", (*b.args, *(a for _, a in b.kwargs)))
+    return [
+        (spec.deps[r.dep], v_in if n_ports == 1 else v_in[r.dep], r.path)
+        for r in indexed_refs(templates)
+        if r.dep < len(spec.deps)
+    ]
 
 
 def _remote_stage0(fn: Any, call: Any, v: Any) -> Any:

@@ -28,10 +28,17 @@ from typing import TYPE_CHECKING, Any
 
 from actorflow._markers import SKIP
 from actorflow.errors import ActorflowError, Failure, RunFailed
-from actorflow.graph import EntrySpec, Gather, _OutRef
+from actorflow.graph import EntrySpec
 from actorflow.observe.log import EventLog, enabled
 from actorflow.runtime.actors import Deadlines, HostPool
-from actorflow.runtime.node import Failed, Joiner, RunContext, Segment, projection_error
+from actorflow.runtime.node import (
+    Failed,
+    Joiner,
+    RunContext,
+    Segment,
+    indexed_refs,
+    projection_error,
+)
 from actorflow.runtime.plan import Plan, compile_plan
 from actorflow.supervision import Supervision
 
@@ -320,20 +327,12 @@ class _Sink:
         return out, True
 
     def _projection_error(self, parts: Any) -> str | None:
-        refs: list[tuple[str, Any, Any]] = []
         names = self.sink_names
-
-        def walk(t: Any) -> None:
-            if isinstance(t, _OutRef):
-                if t.path:
-                    port = int(t.name)
-                    refs.append((names[port], parts[port], t.path))
-            elif isinstance(t, Gather):
-                for item in t.items:
-                    walk(item[1] if t.kind == "dict" else item)
-
         try:
-            walk(self.template)
+            refs = [
+                (names[int(r.name)], parts[int(r.name)], r.path)
+                for r in indexed_refs(self.template)
+            ]
             return projection_error(refs)
         except Exception:  # describing must never fail the failure
             return None
