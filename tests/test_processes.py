@@ -1125,3 +1125,32 @@ def test_a_worker_that_dies_at_start_up_is_not_restarted_in_a_loop_by_the_sentry
         assert events.count("worker_died") == 1
     finally:
         pool.shutdown()
+
+
+def _exit_slowly(folder: str) -> int:
+    """Make this worker's exit take 0.5 s, writing when it begins and ends."""
+    from multiprocessing import util
+
+    def slow_exit() -> None:
+        Path(folder, f"begin-{os.getpid()}").write_text(repr(time.time()))
+        time.sleep(0.5)
+        Path(folder, f"end-{os.getpid()}").write_text(repr(time.time()))
+
+    util.Finalize(None, slow_exit, exitpriority=0)
+    time.sleep(0.2)  # holds this worker while the other takes the second item
+    return os.getpid()
+
+
+def test_shutdown_stops_the_workers_at_once_not_one_after_another(tmp_path: Path) -> None:
+    p = ProcessPool(2, name="exits")
+    p.register("exit_slowly", [_exit_slowly])
+    try:
+        with ThreadPoolExecutor(2) as callers:  # one call per worker, at the same time
+            calls = [callers.submit(p.call_batch, "exit_slowly", [str(tmp_path)]) for _ in "ab"]
+            pids = {values(c.result())[0] for c in calls}
+    finally:
+        p.shutdown()
+    assert len(pids) == 2
+    begins = [float(Path(tmp_path, f"begin-{pid}").read_text()) for pid in pids]
+    ends = [float(Path(tmp_path, f"end-{pid}").read_text()) for pid in pids]
+    assert max(begins) < min(ends)  # both were exiting at the same time

@@ -391,13 +391,16 @@ class _Held:
     ``(ticket, ids, vals, sent_at, prep)``; ``prep`` is None for a clean batch, else
     what :meth:`Segment._prepare_special` made of a special one."""
 
-    __slots__ = ("done_at", "hand", "lease", "returning")
+    __slots__ = ("cold", "done_at", "hand", "lease", "returning")
 
     def __init__(self, lease: Any, now: float) -> None:
         self.lease = lease
         self.hand: deque[tuple[int, Any, list[Any], float, Any]] = deque()
         self.done_at = now  # when its previous batch came back (the next one's start)
         self.returning = False  # give the worker back once its batches are in
+        # its worker starts or loads the chain's code with the first batch: that
+        # batch's round trip says little of the items' cost (no estimate from it)
+        self.cold = not lease.warm()
 
 
 class Segment:
@@ -1191,7 +1194,10 @@ class Segment:
         # before it back) to its results
         item_s = (now - max(sent_at, h.done_at)) / len(values)
         head.sample(item_s)
-        self.item_s = item_s if self.item_s < 0 else 0.75 * self.item_s + 0.25 * item_s
+        if h.cold:
+            h.cold = False  # (a batch sent ahead behind it is measured from its return)
+        else:
+            self.item_s = item_s if self.item_s < 0 else 0.75 * self.item_s + 0.25 * item_s
         h.done_at = now
         head.in_flight -= len(vals)
         if prep is not None:
