@@ -37,6 +37,7 @@ import dataclasses
 import functools
 import itertools
 import logging
+import math
 import select
 import threading
 import time
@@ -1062,13 +1063,19 @@ class Segment:
     def _ahead_ok(self, h: _Held) -> bool:
         """Whether a batch may be sent ahead behind ``h``'s one batch in flight: it
         is estimated to take, and has taken so far, under ``_AHEAD_S``."""
+        return self._ahead_since(h) >= 0
+
+    def _ahead_since(self, h: _Held) -> float:
+        """When ``h``'s one batch in flight started, if a batch may be sent ahead
+        behind it (see :meth:`_ahead_ok`); else -1."""
         if len(h.hand) != 1:
-            return False
+            return -1.0
         item_s = self.item_s
         first = h.hand[0]
         if item_s < 0 or item_s * len(first[2]) >= _AHEAD_S:
-            return False  # no estimate yet, or a slow batch
-        return time.perf_counter() - max(first[3], h.done_at) < _AHEAD_S
+            return -1.0  # no estimate yet, or a slow batch
+        since = max(first[3], h.done_at)
+        return since if time.perf_counter() - since < _AHEAD_S else -1.0
 
     def _pump_send(self, pool: Any, key: str, held: list[_Held], *, block: bool) -> bool:
         """Send queued batches (clean or special) to the held workers, leasing more
@@ -1076,8 +1083,11 @@ class Segment:
 
         An idle held worker comes first, then a free worker of the pool, and only
         then the pipe of a busy one (send-ahead), so no worker idles while a
-        batch waits behind another. Returns whether anything was sent (or settled
-        in the parent)."""
+        batch waits behind another: of the busy ones, the one whose batch started
+        first, which should be the first done. (With fewer batches in flight
+        than two per worker, a batch sent ahead to a worker that finishes later
+        leaves the other one idle until the parent sends it the next.) Returns
+        whether anything was sent (or settled in the parent)."""
         work = self.work
         head = self.stats[0]
         sent = False
@@ -1086,6 +1096,7 @@ class Segment:
                 if not work or self.throttle or self.cancelled:
                     return sent
             idle = busy = None
+            busy_since = math.inf
             for h in held:
                 if len(h.hand) < 2 and not h.returning:
                     if h.lease.due_back():
@@ -1093,8 +1104,10 @@ class Segment:
                     elif not h.hand:
                         idle = h
                         break
-                    elif busy is None and self._ahead_ok(h):
-                        busy = h
+                    else:
+                        since = self._ahead_since(h)
+                        if 0 <= since < busy_since:
+                            busy, busy_since = h, since
             target = idle
             if target is None and len(held) < self.workers:
                 lease = pool.try_lease(key)
