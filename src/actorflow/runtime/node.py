@@ -428,6 +428,7 @@ class Segment:
         "crash_next",
         "crash_target",
         "ctx",
+        "direct_out",
         "emitting",
         "fast",
         "first_arg",
@@ -505,6 +506,7 @@ class Segment:
         self.emitting = False  # a thread is emitting held batches in ticket order
         self.consumers: list[tuple[Segment | Any, int, Edge]] = []
         self.output_only = False  # see connect()
+        self.direct_out: Callable[[Any, list[Any], bool], None] | None = None
         self.stats = [NodeStats()] if len(nodes) == 1 else [NodeStats() for _ in nodes]
         self.fns: list[Any] = []
         self.instances: list[Any] = []  # free instances of a class task
@@ -617,6 +619,11 @@ class Segment:
             and getattr(consumers[0][0], "any_order", False)
             and self.key_fn is None
         )
+        # a pump is its node's only emitter, one thread at a time: what it emits to
+        # the flow's output alone may go straight to the flow (see _pump_emit)
+        self.direct_out = None
+        if self.pumped and self.output_only:
+            self.direct_out = getattr(consumers[0][0], "direct", None)
 
     # -- message intake (any thread) ----------------------------------------
     def deliver(self, port: int, ids: Any, vals: list[Any], special: bool, sender: Any) -> bool:
@@ -1224,9 +1231,17 @@ class Segment:
     def _pump_emit(self, ticket: int, ids: Any, out: list[Any], special: bool) -> None:
         # in ticket order, whatever the number of workers (a special batch settled in
         # the parent must not overtake batches still in a worker), unless the flow's
-        # output is the only consumer
+        # output is the only consumer: then at once, and straight to the flow when
+        # nothing stands between (one output, taken whole: ~8 us less per batch)
         try:
-            self._emit_in_order(ticket, (ids, out, special))
+            direct = self.direct_out
+            if direct is None:
+                self._emit_in_order(ticket, (ids, out, special))
+            elif out:
+                edge = self.consumers[0][2]
+                edge.next_seq += 1
+                edge.sent_items += len(out)
+                direct(ids, out, special)
         except Exception as exc:
             raise _EmitFailed from exc
 

@@ -252,10 +252,13 @@ class _QueueOwner:
         self.wake = _ConsumerWake()
 
     def block_done(self, block: _Block) -> None:
-        with self.cond:
+        cond = self.cond
+        with cond:
             self.done[block.start] = block
             self.order.append(block)
-            self.cond.notify()
+            # (the consumer often finishes its own blocks, running the pump: no waiter)
+            if cond._waiters:  # type: ignore[attr-defined]
+                cond.notify()
         if self.wake.armed:  # the consumer pumps a process node: wake it
             self.wake.signal()
 
@@ -283,6 +286,11 @@ class _Sink:
         # several ports works best aligned, so those keep their ticket order
         self.any_order = self.joiner is None
         self.name = "<sink>"
+        # what a node feeding it alone may call instead of deliver(): the flow's
+        # completion itself, when the output is that node's value as is
+        self.direct: Callable[[Any, list[Any], bool], None] | None = (
+            flow._complete if self.identity and self.joiner is None else None
+        )
 
     def deliver(self, port: int, ids: Any, vals: list[Any], special: bool, sender: Any) -> bool:
         if self.joiner is None:
@@ -870,7 +878,8 @@ class RunningFlow(RunContext):
                     b.kept = kept
             if len(self._starts) > 2 * len(blocks) + 256:
                 self._starts = sorted(blocks)
-            self._space.notify_all()
+            if self._space._waiters:  # type: ignore[attr-defined]  # (~1 us when none)
+                self._space.notify_all()
         for b in finished:
             b.owner.block_done(b)
         if self._batch:
