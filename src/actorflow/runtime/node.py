@@ -392,7 +392,7 @@ class _Held:
     ``(ticket, ids, vals, sent_at, prep)``; ``prep`` is None for a clean batch, else
     what :meth:`Segment._prepare_special` made of a special one."""
 
-    __slots__ = ("cold", "done_at", "hand", "lease", "readable", "returning")
+    __slots__ = ("cold", "done_at", "hand", "lease", "returning")
 
     def __init__(self, lease: Any, now: float) -> None:
         self.lease = lease
@@ -402,7 +402,6 @@ class _Held:
         # its worker starts or loads the chain's code with the first batch: that
         # batch's round trip says little of the items' cost (no estimate from it)
         self.cold = not lease.warm()
-        self.readable = False  # its result pipe was seen readable (see _pump_block)
 
 
 class Segment:
@@ -1202,9 +1201,6 @@ class Segment:
                 continue  # a fresh worker said hello: its results are still to come
             if h not in ready:
                 ready.append(h)
-            fds = h.lease.poll_fds()
-            if fds is not None and fd == fds[0]:  # the results pipe (not the sentinel)
-                h.readable = True
         if woken:
             wake.drain()
         return bool(ready)
@@ -1212,8 +1208,7 @@ class Segment:
     def _pump_collect(self, h: _Held, now: float) -> None:
         """Read the oldest batch of ``h`` back, count it and emit it (:meth:`_emit_in_order`)."""
         head = self.stats[0]
-        readable, h.readable = h.readable, False
-        values, fails = h.lease.wait(readable=readable)
+        values, fails = h.lease.wait()
         ticket, ids, vals, sent_at, prep = h.hand.popleft()
         # its own run time: from when the worker could start it (sent, and the batch
         # before it back) to its results

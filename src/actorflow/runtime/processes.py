@@ -1990,21 +1990,12 @@ class ProcessPool:
         batch_id: int,
         timeout: float | None,
         target: _Target,
-        *,
-        readable: bool = False,
     ) -> _Exchange:
-        """Wait for a sent request's results (deaths and timeouts noticed at once).
-        ``readable``: the result pipe was seen readable (an untimed batch): read
-        it first, without polling again."""
+        """Wait for a sent request's results (deaths and timeouts noticed at once)."""
         assert slot.process is not None
         assert slot.from_worker is not None
         conn, conn_fd, sentinel_fd = slot.from_worker, slot.conn_fd, slot.sentinel_fd
         last_stage = target.code.stages - 1
-        if readable and timeout is None and ex.count < n:
-            if not self._receive(slot, conn, batch_id, ex, last_stage):
-                return self._lost(slot, ex, in_flight=n - ex.count, batch_id=batch_id)
-            if ex.fate == "resend":
-                return ex
         while ex.count < n:
             record = None
             wait_s = None
@@ -2845,12 +2836,8 @@ class Lease:
                 return pool._recycle_reason(slot) is not None
         return False
 
-    def wait(self, *, readable: bool = False) -> tuple[list[Any], dict[int, Outcome]]:
-        """The results of the oldest batch in flight: ``(values, failures)``.
-
-        ``readable``: the caller saw the worker's result pipe readable (in a poll
-        of :meth:`poll_fds`' first descriptor), so reading starts without
-        polling again."""
+    def wait(self) -> tuple[list[Any], dict[int, Outcome]]:
+        """The results of the oldest batch in flight: ``(values, failures)``."""
         slot, pending = self._slot, self._pending
         if slot is None or not pending:
             raise RuntimeError("no batch in flight on this lease")
@@ -2870,9 +2857,7 @@ class Lease:
                     ):
                         # the common case in few steps: the whole batch, run once, clean
                         if ex.count < n:
-                            ex = pool._collect(
-                                slot, ex, n, batch_id, None, self._target, readable=readable
-                            )
+                            ex = pool._collect(slot, ex, n, batch_id, None, self._target)
                         if (
                             ex.fate == "done"
                             and not ex.fails
