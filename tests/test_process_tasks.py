@@ -749,3 +749,21 @@ def test_several_consumers_sharing_a_small_max_in_flight_keep_the_workers_busy()
         shared = time.perf_counter() - t0
     assert got == [[x * x for x in range(n)]] * consumers
     assert shared < 3 * alone + 0.2, (shared, alone)
+
+
+def test_read_ahead_blocks_are_sized_for_the_workers_that_can_run_at_once() -> None:
+    # workers=8 on a pool of 2 processes keeps 2 workers busy: blocks sized for 8
+    # (16 of 64 items) would cost the parent 4x the work per item for nothing
+    @af.task(executor="process", workers=8)
+    def double(x: int) -> int:
+        return 2 * x
+
+    @af.flow
+    def f(x: int) -> Any:
+        return double(x)
+
+    with f.start(processes=2, max_in_flight=1024) as running:
+        assert list(running.map(range(50))) == [2 * x for x in range(50)]
+        cores = os.cpu_count() or 1
+        expected_blocks = 3 if cores <= 2 else 4  # one fewer when 2 workers fill the cores
+        assert running._chunk_div == expected_blocks

@@ -491,10 +491,12 @@ class RunningFlow(RunContext):
         # When those workers take every core, one block fewer: the parent's work per
         # block (~0.1 ms) then competes with them for the cores, and fewer, larger
         # blocks cost less than the moment a worker waits for its next one
-        # (W2 on 2 cores: blocks of 341 items, not 256: 634 -> 620 ms)
-        pumped = sum(seg.workers for seg in self._segments if seg.pumped)
+        # (W2 on 2 cores: blocks of 341 items, not 256: 634 -> 620 ms). Only the
+        # workers the pool can run at once count: workers=8 on processes=2 keeps 2
+        # busy, and 16 blocks of 64 items would cost 8x the parent's work per item
+        pumped = min(sum(seg.workers for seg in self._segments if seg.pumped), processes or _CORES)
         blocks = 2 * pumped
-        if pumped >= 2 and min(pumped, processes or _CORES) >= _CORES:
+        if pumped >= 2 and pumped >= _CORES:
             blocks -= 1
         self._chunk_div = max(_CAP_DIV, blocks)
         segments, sink = self._segments, self._sink
