@@ -494,7 +494,7 @@ class RunningFlow(RunContext):
         # blocks cost less than the moment a worker waits for its next one
         # (W2 on 2 cores: blocks of 341 items, not 256: 634 -> 620 ms). Only the
         # workers the pool can run at once count: workers=8 on processes=2 keeps 2
-        # busy, and 16 blocks of 64 items would cost 8x the parent's work per item
+        # busy, and 16 blocks of 64 items would cost ~5x the parent's work per item
         pumped = min(sum(seg.workers for seg in self._segments if seg.pumped), processes or _CORES)
         blocks = 2 * pumped
         if pumped >= 2 and pumped >= _CORES:
