@@ -570,14 +570,7 @@ class RunningFlow(RunContext):
                 try:
                     self._wait_helping(
                         self._space,
-                        # (or the run ended: a consumer in a pump round re-checks this,
-                        # not _check_open, until the round ends)
-                        lambda: (
-                            self._in_flight + n <= limit
-                            or self._in_flight == 0
-                            or self._stopped
-                            or self._fatal is not None
-                        ),
+                        lambda: self._in_flight + n <= limit or self._in_flight == 0,
                         timeout=None if self._batch else 0.5,
                         check=self._check_open,
                         wake=wake,
@@ -903,18 +896,13 @@ class RunningFlow(RunContext):
                 self._starts = sorted(blocks)
             if self._space._waiters:  # type: ignore[attr-defined]  # (~1 us when none)
                 self._space.notify_all()
-            self._wake_room_waiters()
+            for wake in self._room_wakes:  # consumers waiting for room, in a pump's poll
+                if wake.armed:
+                    wake.signal()
         for b in finished:
             b.owner.block_done(b)
         if self._batch:
             self._pool.notify()
-
-    def _wake_room_waiters(self) -> None:
-        # under the lock: consumers waiting for room in max_in_flight while they run
-        # a pump (blocked in its poll, not on the condition) look again
-        for wake in self._room_wakes:
-            if wake.armed:
-                wake.signal()
 
     def _finalize(self, ids: Any, vals: list[Any]) -> tuple[list[Any], list[Any]]:
         """Run ``finally_do`` exactly once per item: claim items under the lock first.
@@ -1191,7 +1179,6 @@ class RunningFlow(RunContext):
             self._blocks.clear()
             self._in_flight = 0
             self._space.notify_all()
-            self._wake_room_waiters()
         self._pool.notify()  # run() waits in the pool: it re-checks for a fatal error
         if not isinstance(exc, Exception) or not internal:
             error: BaseException = exc
@@ -1315,7 +1302,6 @@ class RunningFlow(RunContext):
                 blocks = list(self._blocks.values())
                 self._blocks.clear()
                 self._space.notify_all()
-                self._wake_room_waiters()
             for b in blocks:
                 if self._finally is not None:
                     self._finally_cancelled(b)
