@@ -458,7 +458,6 @@ class RunningFlow(RunContext):
         self._t0 = time.perf_counter()
         self._lock = threading.Lock()
         self._space = threading.Condition(self._lock)
-        self._room_wakes: list[_ConsumerWake] = []  # see _enter
         self._in_flight = 0
         self._next_id = 0
         self._blocks: dict[int, _Block] = {}
@@ -563,21 +562,13 @@ class RunningFlow(RunContext):
                 # descriptor): otherwise, with several consumers sharing a small
                 # max_in_flight, all of them could wait here while the pump waited
                 # 20 ms for a host (3 streams, max_in_flight=64: 55 -> 6 us per item)
-                wake = owner.wake if type(owner) is _QueueOwner else None
-                if wake is not None:
-                    # room freed by another thread must wake it in the pump's poll
-                    self._room_wakes.append(wake)
-                try:
-                    self._wait_helping(
-                        self._space,
-                        lambda: self._in_flight + n <= limit or self._in_flight == 0,
-                        timeout=None if self._batch else 0.5,
-                        check=self._check_open,
-                        wake=wake,
-                    )
-                finally:
-                    if wake is not None:
-                        self._room_wakes.remove(wake)
+                self._wait_helping(
+                    self._space,
+                    lambda: self._in_flight + n <= limit or self._in_flight == 0,
+                    timeout=None if self._batch else 0.5,
+                    check=self._check_open,
+                    wake=owner.wake if type(owner) is _QueueOwner else None,
+                )
             self._check_open()
             start = self._next_id
             self._next_id = start + n
@@ -896,9 +887,6 @@ class RunningFlow(RunContext):
                 self._starts = sorted(blocks)
             if self._space._waiters:  # type: ignore[attr-defined]  # (~1 us when none)
                 self._space.notify_all()
-            for wake in self._room_wakes:  # consumers waiting for room, in a pump's poll
-                if wake.armed:
-                    wake.signal()
         for b in finished:
             b.owner.block_done(b)
         if self._batch:
