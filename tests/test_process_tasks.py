@@ -715,42 +715,6 @@ def test_a_workers_start_up_is_not_taken_for_the_cost_of_its_first_items() -> No
         assert segment.item_s >= 0  # the warm ones are measured
 
 
-@af.task(executor="process", workers=2)
-def square_on_two(x: int) -> int:
-    return x * x
-
-
-@af.flow
-def squares(x: int) -> Any:
-    return square_on_two(x)
-
-
-def test_several_consumers_sharing_a_small_max_in_flight_keep_the_workers_busy() -> None:
-    # consumers waiting for room in max_in_flight used to sleep while the node's
-    # pump waited 20 ms for a host thread: three streams took ~5x as long as one
-    # stream of all their items (now they run the pump themselves while they wait)
-    n, consumers = 200, 3
-    with squares.start(max_in_flight=3) as running:
-        assert sorted(running.stream(range(10))) == [x * x for x in range(10)]  # warm
-        t0 = time.perf_counter()
-        assert len(list(running.stream(range(n * consumers)))) == n * consumers
-        alone = time.perf_counter() - t0
-        got: list[list[int]] = []
-
-        def consume() -> None:
-            got.append(sorted(running.stream(range(n))))
-
-        threads = [threading.Thread(target=consume) for _ in range(consumers)]
-        t0 = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        shared = time.perf_counter() - t0
-    assert got == [[x * x for x in range(n)]] * consumers
-    assert shared < 3 * alone + 0.2, (shared, alone)
-
-
 def test_read_ahead_blocks_are_sized_for_the_workers_that_can_run_at_once() -> None:
     # workers=8 on a pool of 2 processes keeps 2 workers busy: blocks sized for 8
     # (16 of 64 items) would cost the parent 4x the work per item for nothing

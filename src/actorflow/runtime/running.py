@@ -557,17 +557,12 @@ class RunningFlow(RunContext):
         with self._space:
             if self._in_flight + n > limit and self._in_flight > 0:
                 # the items in flight may be waiting for this very thread (a consumer
-                # of map/stream queued them): it runs them rather than sleep. A
-                # consumer also runs a process node's pump meanwhile (with its wake
-                # descriptor): otherwise, with several consumers sharing a small
-                # max_in_flight, all of them could wait here while the pump waited
-                # 20 ms for a host (3 streams, max_in_flight=64: 55 -> 6 us per item)
+                # of map/stream queued them): it runs them rather than sleep
                 self._wait_helping(
                     self._space,
                     lambda: self._in_flight + n <= limit or self._in_flight == 0,
                     timeout=None if self._batch else 0.5,
                     check=self._check_open,
-                    wake=owner.wake if type(owner) is _QueueOwner else None,
                 )
             self._check_open()
             start = self._next_id
