@@ -518,8 +518,9 @@ def test_map_reads_at_most_max_in_flight_items_ahead_of_the_consumer() -> None:
     assert read < 1000
 
 
-def test_submit_blocks_while_max_in_flight_items_are_in_flight() -> None:
-    release = threading.Event()
+def _holding_flow(release: threading.Event) -> Any:
+    """A flow ``f`` whose one thread task waits for ``release`` (10 s at most),
+    then returns its input."""
 
     @af.task
     def hold(x: int) -> int:
@@ -529,6 +530,13 @@ def test_submit_blocks_while_max_in_flight_items_are_in_flight() -> None:
     @af.flow
     def f(x: int) -> Any:
         return hold(x)
+
+    return f
+
+
+def test_submit_blocks_while_max_in_flight_items_are_in_flight() -> None:
+    release = threading.Event()
+    f = _holding_flow(release)
 
     with f.start(max_in_flight=2) as running:
         first = [running.submit(i) for i in range(2)]
@@ -624,15 +632,7 @@ def test_futures_cancelled_by_stop_do_not_keep_the_run_alive() -> None:
     import weakref
 
     release = threading.Event()
-
-    @af.task
-    def hold(x: int) -> int:
-        release.wait(10)
-        return x
-
-    @af.flow
-    def f(x: int) -> Any:
-        return hold(x)
+    f = _holding_flow(release)
 
     cm = f.start()
     running = cm.__enter__()
