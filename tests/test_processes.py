@@ -31,6 +31,7 @@ from actorflow.runtime.processes import (
     ProcessPool,
     Timeout,
     WakeFd,
+    _Ticker,
 )
 from tests.conftest import wait_until
 
@@ -276,7 +277,7 @@ def generated_loop_for(fn: Any) -> Any:
     return compile_plan(one.graph).segments[0].remote_loop()
 
 
-def batch_loop(vals: Any, out: list[Any], err: list[Any], deadline: float) -> None:
+def batch_loop(vals: Any, out: list[Any], err: list[Any], tick: list[bool]) -> None:
     """A hand-written ``loop=`` for the chain [inc, double]: what plan.py generates."""
     for item in vals:
         try:
@@ -705,6 +706,23 @@ def test_the_generated_loop_flushes_slow_items_so_a_death_loses_none(
     runs = {i: (tmp_path / f"ran-{i}").read_text().split() for i in range(8)}
     assert all(len(runs[i]) == 1 for i in (0, 1, 2, 4, 5, 6, 7)), runs  # flushed, kept
     assert len(runs[3]) == 2
+
+
+def test_the_ticker_ticks_during_a_batch_sleeps_when_idle_and_wakes_for_the_next() -> None:
+    ticker = _Ticker.start()
+    try:
+        ticker.begin()
+        wait_until(lambda: ticker.tick[0])  # the generated loop returns after this item
+        ticker.end()
+        wait_until(lambda: ticker.asleep)  # ~1 s without a batch
+        ticker.begin()
+        assert not ticker.tick[0]  # each batch starts with the flag down
+        wait_until(lambda: ticker.tick[0])  # begin() woke it
+        ticker.end()
+    finally:
+        ticker.close()
+        ticker.thread.join(timeout=5)
+    assert not ticker.thread.is_alive()
 
 
 def test_worker_killed_while_idle_is_restarted_on_next_use(

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import keyword
 import re
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -83,11 +82,12 @@ class SegmentPlan:
     def remote_loop(self) -> Callable[..., None] | None:
         """The generated loop run inside a worker process for a process chain.
 
-        ``remote(vals, out, err, deadline)`` appends one result per value to
+        ``remote(vals, out, err, tick)`` appends one result per value to
         ``out`` (a ``SKIP`` ends an item's walk); when node ``k`` raises (any
         ``BaseException``: the worker must survive its tasks), ``(k,
         exception)`` is appended to ``err`` and the loop returns; it also
-        returns once ``time.monotonic()`` passes ``deadline``. None for class
+        returns after an item that ends with ``tick[0]`` set (the worker's
+        ticker sets it periodically so that results flush on time). None for class
         or map nodes. Only clean values: the worker runs items whose binding
         was applied in the parent (``_ArgsCall``) through the per-node chain.
         """
@@ -460,20 +460,20 @@ def _compile_fast(seg: SegmentPlan) -> Callable[..., Any]:
 
 
 def _compile_remote(seg: SegmentPlan) -> Callable[..., Any]:
-    """Generate ``remote(vals, out, err, deadline)`` for a process chain (see ``remote_loop``).
+    """Generate ``remote(vals, out, err, tick)`` for a process chain (see ``remote_loop``).
 
     ``vals`` is an iterator the caller shares across calls: the loop returns at
-    its end, after an item that raised, or after the first item that ends past
-    ``deadline`` (``time.monotonic()``), so the worker can flush results.
+    its end, after an item that raised, or after the first item that ends with
+    ``tick[0]`` true, so the worker can flush results. A flag, not a clock: reading
+    ``time.monotonic()`` after each item cost ~3% of W2's quick items.
     """
-    ns: dict[str, Any] = {"SKIP": SKIP, "CLOCK": time.monotonic}
+    ns: dict[str, Any] = {"SKIP": SKIP}
     last = len(seg.nodes) - 1
     names = ", ".join(f"f{k}" for k in range(last + 1))
     lines = [
-        "def remote(vals, out, err, deadline):",
+        "def remote(vals, out, err, tick):",
         "    append = out.append",
         "    _skip = SKIP",
-        "    _now = CLOCK",
         f"    {names}, = FNS",
         "    for v in vals:",
     ]
@@ -494,7 +494,7 @@ def _compile_remote(seg: SegmentPlan) -> Callable[..., Any]:
             lines.append(f"{pad}if v is not _skip:")
             pad += "    "
     lines.append("        append(v)")
-    lines.append("        if _now() >= deadline:")
+    lines.append("        if tick[0]:")
     lines.append("            return")
     ns["FNS"] = tuple(node.spec.task.fn for node in seg.nodes)
     exec(_compiled("\n".join(lines), "exec"), ns)
