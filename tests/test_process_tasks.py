@@ -48,6 +48,29 @@ def _workers_alive(pids: list[int]) -> list[int]:
     return [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
 
 
+@af.flow
+def error_events(line: str) -> Any:
+    return keep_errors(parse(line))
+
+
+def test_a_chain_that_is_the_flow_output_yields_only_kept_items_and_counts_the_rest() -> None:
+    # workers send only the kept results, straight to the flow's output: stream
+    # yields them as they are, map puts SKIP back in place, submit resolves each
+    lines = _lines(2000)
+    want = [json.loads(line) for line in lines]
+    with error_events.start(processes=2) as running:
+        streamed = list(running.stream(lines))
+        mapped = list(running.map(lines))
+        futures = [running.submit(line) for line in lines[:8]]
+        submitted = [f.result(timeout=30) for f in futures]
+        m = running.metrics()
+    kept = [ev for ev in want if ev["level"] == "ERROR"]
+    assert sorted(streamed, key=json.dumps) == sorted(kept, key=json.dumps)
+    assert mapped == [ev if ev["level"] == "ERROR" else af.SKIP for ev in want]
+    assert submitted == [ev if ev["level"] == "ERROR" else af.SKIP for ev in want[:8]]
+    assert (m["keep_errors"].done, m["keep_errors"].skipped) == (2 * 500 + 2, 2 * 1500 + 6)
+
+
 def test_process_tasks_fuse_into_one_chain_run_inside_the_workers() -> None:
     from actorflow.runtime.plan import compile_plan, describe
 

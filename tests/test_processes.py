@@ -264,6 +264,22 @@ def logs_odd_extra(x: int) -> int:
     return x
 
 
+def skip_lock_fail(x: int) -> Any:
+    """Skips multiples of 3; 4 returns a lock (does not pickle); 5 raises."""
+    if x % 3 == 0:
+        return af.SKIP
+    if x == 4:
+        return threading.Lock()
+    if x == 5:
+        raise ValueError("five")
+    return x * 10
+
+
+def slow_skip_odd(x: int) -> Any:
+    time.sleep(0.02)  # 8 items span several 50 ms flushes
+    return af.SKIP if x % 2 else x
+
+
 def generated_loop_for(fn: Any) -> Any:
     """The batch loop plan.py generates for a one-node process chain calling ``fn``."""
     from actorflow.runtime.plan import compile_plan
@@ -277,19 +293,24 @@ def generated_loop_for(fn: Any) -> Any:
     return compile_plan(one.graph).segments[0].remote_loop()
 
 
-def batch_loop(vals: Any, out: list[Any], err: list[Any], tick: list[bool]) -> None:
+def batch_loop(
+    vals: Any, out: list[Any], kept_at: list[int], err: list[Any], tick: list[bool], i: int
+) -> int:
     """A hand-written ``loop=`` for the chain [inc, double]: what plan.py generates."""
     for item in vals:
         try:
             v = inc(item)
         except BaseException as e:
             err.append((0, e))
-            return
+            return i + 1
         try:
             out.append(double(v) if v != 4 else 1 // 0)
         except BaseException as e:
             err.append((1, e))
-            return
+            return i + 1
+        kept_at.append(i)
+        i += 1
+    return i
 
 
 class Counter:
@@ -611,6 +632,47 @@ def test_a_result_the_parent_cannot_unpickle_fails_only_its_item(pool: ProcessPo
     assert isinstance(err, Err)
     assert err.error.error_type == "PicklingError"
     assert "could not be unpickled in the parent" in err.error.message
+
+
+def _shape(outcome: Any) -> Any:
+    if isinstance(outcome, Ok):
+        return ("ok", outcome.value)
+    assert isinstance(outcome, Err)
+    return ("err", outcome.stage, outcome.error.error_type)
+
+
+def test_the_generated_loop_sends_only_kept_results_with_the_same_outcomes(
+    pool: ProcessPool, events: Events
+) -> None:
+    # kept results travel with their positions; skipped ones, failures and a result
+    # that does not pickle (the chunk then goes item by item) land where they belong
+    pool.register("plain", [skip_lock_fail])
+    pool.register("loop", [skip_lock_fail], loop=generated_loop_for(skip_lock_fail))
+    items = list(range(12))
+    plain = [_shape(o) for o in pool.call_batch("plain", items)]
+    looped = [_shape(o) for o in pool.call_batch("loop", items)]
+    assert looped == plain
+    skip = ("ok", af.SKIP)
+    assert looped[:6] == [
+        skip,
+        ("ok", 10),
+        ("ok", 20),
+        skip,
+        ("err", 0, "PicklingError"),
+        ("err", 0, "ValueError"),
+    ]
+    assert looped[6:] == [skip, ("ok", 70), ("ok", 80), skip, ("ok", 100), ("ok", 110)]
+    assert events.named("worker_died") == []  # not recovered by isolating items
+
+
+def test_kept_results_flushed_in_several_chunks_keep_their_positions(
+    solo: ProcessPool, events: Events
+) -> None:
+    solo.register("slow", [slow_skip_odd], loop=generated_loop_for(slow_skip_odd))
+    vals, fails = solo.run_batch("slow", list(range(8)))
+    assert fails == {}
+    assert vals == [0, af.SKIP, 2, af.SKIP, 4, af.SKIP, 6, af.SKIP]
+    assert events.named("worker_died") == []
 
 
 def test_a_log_record_with_an_unpicklable_extra_arrives_as_text(

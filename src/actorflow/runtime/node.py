@@ -506,7 +506,7 @@ class Segment:
         self.emitting = False  # a thread is emitting held batches in ticket order
         self.consumers: list[tuple[Segment | Any, int, Edge]] = []
         self.output_only = False  # see connect()
-        self.direct_out: Callable[[Any, list[Any], bool], None] | None = None
+        self.direct_out: Callable[[Any, list[Any], bool, list[Any] | None], None] | None = None
         self.stats = [NodeStats()] if len(nodes) == 1 else [NodeStats() for _ in nodes]
         self.fns: list[Any] = []
         self.instances: list[Any] = []  # free instances of a class task
@@ -1209,6 +1209,7 @@ class Segment:
         """Read the oldest batch of ``h`` back, count it and emit it (:meth:`_emit_in_order`)."""
         head = self.stats[0]
         values, fails = h.lease.wait()
+        kept = h.lease.kept
         ticket, ids, vals, sent_at, prep = h.hand.popleft()
         # its own run time: from when the worker could start it (sent, and the batch
         # before it back) to its results
@@ -1222,17 +1223,21 @@ class Segment:
         head.in_flight -= len(vals)
         if prep is not None:
             out_ids, out, out_special = self._finish_special(ids, prep, values, fails)
+            kept = None
         else:
-            out_ids, out, out_special = self._clean_outputs(ids, vals, values, fails)
-        self._pump_emit(ticket, out_ids, out, out_special)
+            out_ids, out, out_special = self._clean_outputs(ids, vals, values, fails, kept=kept)
+        self._pump_emit(ticket, out_ids, out, out_special, kept)
         if not h.hand:
             self._return_leases([h], every=False)
 
-    def _pump_emit(self, ticket: int, ids: Any, out: list[Any], special: bool) -> None:
+    def _pump_emit(
+        self, ticket: int, ids: Any, out: list[Any], special: bool, kept: list[Any] | None = None
+    ) -> None:
         # in ticket order, whatever the number of workers (a special batch settled in
         # the parent must not overtake batches still in a worker), unless the flow's
         # output is the only consumer: then at once, and straight to the flow when
-        # nothing stands between (one output, taken whole: ~8 us less per batch)
+        # nothing stands between (one output, taken whole: ~8 us less per batch),
+        # with ``kept`` (``out`` without the skipped, when the worker sent that)
         try:
             direct = self.direct_out
             if direct is None:
@@ -1241,7 +1246,7 @@ class Segment:
                 edge = self.consumers[0][2]
                 edge.next_seq += 1
                 edge.sent_items += len(out)
-                direct(ids, out, special)
+                direct(ids, out, special, kept)
         except Exception as exc:
             raise _EmitFailed from exc
 
@@ -1332,11 +1337,18 @@ class Segment:
         return self._finish_special(ids, prep, values, fails, pin)
 
     def _clean_outputs(
-        self, ids: Any, vals: list[Any], values: list[Any], fails: dict[int, Any], pin: int = -1
+        self,
+        ids: Any,
+        vals: list[Any],
+        values: list[Any],
+        fails: dict[int, Any],
+        pin: int = -1,
+        kept: list[Any] | None = None,
     ) -> tuple[Any, list[Any], bool]:
         """A clean batch's remote results as ``(ids, outputs, special)``: counted,
-        failures turned into retries (held back) or ``Failed`` values."""
-        skipped = self._remote_results(ids, vals, values, fails, None, pin)
+        failures turned into retries (held back) or ``Failed`` values. ``kept``:
+        ``values`` without the skipped (see ``Lease.wait``), if known."""
+        skipped = self._remote_results(ids, vals, values, fails, None, pin, kept)
         if not fails:
             return ids, values, skipped > 0
         held = sum(1 for o in values if o is _PENDING)
@@ -1446,12 +1458,16 @@ class Segment:
         fails: dict[int, Any],
         attempts: list[int] | None,
         pin: int,
+        kept: list[Any] | None = None,
     ) -> int:
         """Count a remote batch's outcomes (once per batch); turn its failures, in
         ``values``, into retries (``_PENDING``) or ``Failed`` values. Returns the
-        number of skipped items."""
-        # not values.count(SKIP): that calls each value's __eq__ (a numpy array's raises)
-        skipped = sum(map(is_, values, repeat(SKIP)))
+        number of skipped items (``kept``: the values without them, if known)."""
+        if kept is not None:
+            skipped = len(values) - len(kept)
+        else:
+            # not values.count(SKIP): that calls each value's __eq__ (a numpy array's raises)
+            skipped = sum(map(is_, values, repeat(SKIP)))
         ok = len(values) - len(fails)
         if fails:
             from actorflow.runtime import processes as pr

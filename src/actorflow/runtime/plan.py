@@ -82,12 +82,14 @@ class SegmentPlan:
     def remote_loop(self) -> Callable[..., None] | None:
         """The generated loop run inside a worker process for a process chain.
 
-        ``remote(vals, out, err, tick)`` appends one result per value to
-        ``out`` (a ``SKIP`` ends an item's walk); when node ``k`` raises (any
-        ``BaseException``: the worker must survive its tasks), ``(k,
-        exception)`` is appended to ``err`` and the loop returns; it also
-        returns after an item that ends with ``tick[0]`` set (the worker's
-        ticker sets it periodically so that results flush on time). None for class
+        ``remote(vals, out, kept_at, err, tick, i) -> int`` numbers the values
+        from ``i`` and appends each kept result to ``out``, its number to
+        ``kept_at`` (a ``SKIP`` ends an item's walk and appends nothing); when
+        node ``k`` raises (any ``BaseException``: the worker must survive its
+        tasks), ``(k, exception)`` is appended to ``err`` and the loop returns;
+        it also returns after an item that ends with ``tick[0]`` set (the
+        worker's ticker sets it periodically so that results flush on time).
+        It returns the number of the next item. None for class
         or map nodes. Only clean values: the worker runs items whose binding
         was applied in the parent (``_ArgsCall``) through the per-node chain.
         """
@@ -460,19 +462,24 @@ def _compile_fast(seg: SegmentPlan) -> Callable[..., Any]:
 
 
 def _compile_remote(seg: SegmentPlan) -> Callable[..., Any]:
-    """Generate ``remote(vals, out, err, tick)`` for a process chain (see ``remote_loop``).
+    """Generate ``remote(vals, out, kept_at, err, tick, i)`` for a process chain (see
+    ``remote_loop``).
 
-    ``vals`` is an iterator the caller shares across calls: the loop returns at
-    its end, after an item that raised, or after the first item that ends with
-    ``tick[0]`` true, so the worker can flush results. A flag, not a clock: reading
-    ``time.monotonic()`` after each item cost ~3% of W2's quick items.
+    ``vals`` is an iterator the caller shares across calls, its items numbered
+    from ``i``: each kept result goes to ``out``, its number to ``kept_at`` (a
+    skipped item leaves no trace: the parent never touches it). The loop returns
+    the next item's number at the end of ``vals``, after an item that raised, or
+    after the first item that ends with ``tick[0]`` true, so the worker can flush
+    results. A flag, not a clock: reading ``time.monotonic()`` after each item cost
+    ~3% of W2's quick items.
     """
     ns: dict[str, Any] = {"SKIP": SKIP}
     last = len(seg.nodes) - 1
     names = ", ".join(f"f{k}" for k in range(last + 1))
     lines = [
-        "def remote(vals, out, err, tick):",
+        "def remote(vals, out, kept_at, err, tick, i):",
         "    append = out.append",
+        "    mark = kept_at.append",
         "    _skip = SKIP",
         f"    {names}, = FNS",
         "    for v in vals:",
@@ -489,13 +496,15 @@ def _compile_remote(seg: SegmentPlan) -> Callable[..., Any]:
         lines.append(f"{pad}    v = {expr}")
         lines.append(f"{pad}except BaseException as e:")
         lines.append(f"{pad}    err.append(({k}, e))")
-        lines.append(f"{pad}    return")
-        if k < last:  # a skip ends the item's walk
-            lines.append(f"{pad}if v is not _skip:")
-            pad += "    "
-    lines.append("        append(v)")
+        lines.append(f"{pad}    return i + 1")
+        lines.append(f"{pad}if v is not _skip:")  # a skip ends the item's walk
+        pad += "    "
+    lines.append(f"{pad}append(v)")
+    lines.append(f"{pad}mark(i)")
+    lines.append("        i += 1")
     lines.append("        if tick[0]:")
-    lines.append("            return")
+    lines.append("            return i")
+    lines.append("    return i")
     ns["FNS"] = tuple(node.spec.task.fn for node in seg.nodes)
     exec(_compiled("\n".join(lines), "exec"), ns)
     remote: Callable[..., Any] = ns["remote"]

@@ -57,9 +57,11 @@ registered with a generated batch ``loop`` runs bulk batches through it (one cal
 per tick of the worker's ``_Ticker``, not per item per stage).
 
 Results come back as chunks ``(batch_id, start, format, payload, errors, logs)``: a
-bulk chunk's payload is the list of results itself, one pickle (``SKIP`` included:
-it pickles as a reference, a few bytes), with the failures apart as ``(offset,
-encoded error)``; if the results do not pickle as a whole, the chunk falls back to
+bulk chunk's payload is ``(count, kept_at, results)``, the results one pickle, with
+the failures apart as ``(offset, encoded error)``. ``kept_at`` None: one result per
+item (``SKIP`` included); else, from the generated loop, only the kept items'
+results and their batch positions, so skipped items neither travel nor cost the
+parent anything. If the results do not pickle as a whole, the chunk falls back to
 per-item pickles and only the offending item fails. A fast batch returns in one
 message; a slow one flushes whatever finished every ``_FLUSH_INTERVAL_S``, so that
 results that returned before a death are kept. The protocol is strictly
@@ -864,18 +866,33 @@ class _Worker:
         self,
         batch_id: int,
         start: int,
+        count: int,
         results: list[Any],
+        kept_at: list[int] | None,
         errors: list[tuple[int, bytes]],
         fns: list[Any],
     ) -> None:
+        """Send the results of items ``start .. start + count - 1`` of a batch.
+
+        ``kept_at`` None: ``results`` holds one value per item (a failed item's is
+        a placeholder). Else only the kept items' values, ``kept_at`` their batch
+        positions: the others were skipped or failed (then in ``errors``).
+        """
         logs = self.logs.take()
         _flush_stdio()
+        if kept_at is not None and len(results) == count:
+            kept_at = None  # every item kept: the positions say nothing
         try:
             # nested: a result the parent cannot unpickle spoils only this payload
-            payload: Any = (len(results), pickle.dumps(results, protocol=_PROTOCOL))
+            payload: Any = (count, kept_at, pickle.dumps(results, protocol=_PROTOCOL))
             fmt = _BULK
         except Exception:
             # a result does not pickle: encode item by item, so only that item fails
+            if kept_at is not None:
+                dense: list[Any] = [SKIP] * count
+                for position, value in zip(kept_at, results, strict=True):
+                    dense[position - start] = value
+                results = dense
             failed = dict(errors)
             payload = [
                 failed[offset] if offset in failed else _encode_ok(value, len(fns) - 1, fns[-1])
@@ -919,10 +936,10 @@ class _Worker:
                 value = None
             results.append(value)
             if clock() - last_flush >= _FLUSH_INTERVAL_S or len(logs.records) >= _FLUSH_LOGS:
-                self._send_bulk(batch_id, start, results, errors, fns)
+                self._send_bulk(batch_id, start, len(results), results, None, errors, fns)
                 start, results, errors, last_flush = position + 1, [], [], clock()
         if results:
-            self._send_bulk(batch_id, start, results, errors, fns)
+            self._send_bulk(batch_id, start, len(results), results, None, errors, fns)
         else:
             _flush_stdio()
 
@@ -933,7 +950,8 @@ class _Worker:
         at the first failure or soon after a tick of the worker's :class:`_Ticker`;
         results are flushed once ``_FLUSH_INTERVAL_S`` has passed, so slow items
         still flush about every ``_FLUSH_INTERVAL_S`` and quick ones cost one
-        loop call per tick.
+        loop call per tick. Only kept results travel, with their positions
+        (W2 skips 80% of its items: the parent never touches those).
         """
         try:
             items = pickle.loads(blob)
@@ -947,27 +965,26 @@ class _Worker:
         n = len(items)
         it = iter(items)
         results: list[Any] = []
+        kept_at: list[int] = []
         errors: list[tuple[int, bytes]] = []
         err: list[tuple[int, BaseException]] = []
-        base = pos = 0  # base: the position of results[0]
+        base = pos = 0  # base: the position of the chunk's first item
         last_flush = clock()
         ticker.begin()
         try:
             while pos < n:
-                loop(it, results, err, tick)
+                pos = loop(it, results, kept_at, err, tick, pos)
                 tick[0] = False
                 if err:
                     stage, exc = err.pop()
-                    errors.append((len(results), _encode_err(stage, _capture(exc))))
-                    results.append(None)
-                pos = base + len(results)
+                    errors.append((pos - 1 - base, _encode_err(stage, _capture(exc))))
                 if clock() - last_flush >= _FLUSH_INTERVAL_S or len(logs.records) >= _FLUSH_LOGS:
-                    self._send_bulk(batch_id, base, results, errors, fns)
-                    base, results, errors, last_flush = pos, [], [], clock()
+                    self._send_bulk(batch_id, base, pos - base, results, kept_at, errors, fns)
+                    base, results, kept_at, errors, last_flush = pos, [], [], [], clock()
         finally:
             ticker.end()
-        if results:
-            self._send_bulk(batch_id, base, results, errors, fns)
+        if pos > base:
+            self._send_bulk(batch_id, base, pos - base, results, kept_at, errors, fns)
         else:
             _flush_stdio()
 
@@ -1109,6 +1126,7 @@ class _Exchange:
     count = 0
     position = -1
     redo: tuple[int, ...] = ()  # results the parent could not unpickle
+    kept: list[Any] | None = None  # a clean whole batch's results without the skipped
     description = ""
     exitcode: int | None = None
     pid: int | None = None
@@ -1584,7 +1602,7 @@ class ProcessPool:
         key: str,
         fns: Sequence[Callable[..., Any]],
         *,
-        loop: Callable[[Any, list[Any], list[Any], list[bool]], None] | None = None,
+        loop: Callable[[Any, list[Any], list[int], list[Any], list[bool], int], int] | None = None,
     ) -> None:
         """Register a chain of functions under ``key``: item -> fns[0] -> fns[1] -> ...
 
@@ -1594,11 +1612,13 @@ class ProcessPool:
         that cannot be pickled.
 
         ``loop``, optional, is the same chain as one batch loop
-        ``loop(values, out, err, tick)``: over an iterator of values, it
-        appends each value's result to ``out``; when ``fns[k]`` raises, it
-        appends ``(k, exception)`` to ``err`` and returns; it also returns after
-        the first item that ends with ``tick[0]`` true (the worker's ticker sets
-        it every ``_TICK_S`` while a batch runs, so results flush on time).
+        ``loop(values, out, kept_at, err, tick, i) -> int``: over an iterator of
+        values numbered from ``i``, it appends each kept result to ``out`` and its
+        number to ``kept_at`` (a ``SKIP`` appends nothing); when ``fns[k]`` raises
+        on item ``j``, it appends ``(k, exception)`` to ``err`` and returns ``j +
+        1``; it also returns after the first item that ends with ``tick[0]`` true
+        (the worker's ticker sets it every ``_TICK_S`` while a batch runs, so
+        results flush on time). It returns the number after the last item run.
         Workers then run batches through it (no per-item dispatch); items with a
         ``timeout`` still go through ``fns`` one by one.
 
@@ -2169,7 +2189,7 @@ class ProcessPool:
         """Put one chunk of a worker's results into its exchange."""
         back, fails = ex.back, ex.fails
         if fmt == _BULK:
-            count, blob = payload
+            count, kept_at, blob = payload
             failed = set()
             for offset, encoded in errors or ():
                 back[start + offset] = _FAILED
@@ -2183,6 +2203,13 @@ class ProcessPool:
                     back[position] = _REDO
                 ex.redo = (*ex.redo, *redo)
             else:
+                if kept_at is not None:  # only the kept items came: SKIP elsewhere
+                    if count == len(back) and not failed:
+                        ex.kept = results  # what a stream yields, as it is
+                    dense: list[Any] = [SKIP] * count
+                    for position, value in zip(kept_at, results, strict=True):
+                        dense[position - start] = value
+                    results = dense
                 for offset in failed:
                     results[offset] = _FAILED
                 if count == len(back):  # the whole batch in one chunk: no copy
@@ -2776,6 +2803,7 @@ class Lease:
         self._pending: deque[tuple[_Batch, dict[int, Outcome], float | None, Any, Any, int, bool]]
         self._pending = deque()
         self._checks = 0  # due_back() calls (the RSS check is rate-limited)
+        self.kept: list[Any] | None = None  # see wait()
 
     def __enter__(self) -> Lease:
         return self
@@ -2923,7 +2951,12 @@ class Lease:
         return False
 
     def wait(self) -> tuple[list[Any], dict[int, Outcome]]:
-        """The results of the oldest batch in flight: ``(values, failures)``."""
+        """The results of the oldest batch in flight: ``(values, failures)``.
+
+        Afterwards ``kept`` is, for a clean batch run whole through a generated
+        loop, its values without the skipped ones (else None): what a stream
+        yields, with no pass over the values."""
+        self.kept = None
         slot, pending = self._slot, self._pending
         if slot is None or not pending:
             raise RuntimeError("no batch in flight on this lease")
@@ -2952,6 +2985,7 @@ class Lease:
                             and n == len(batch.values)
                         ):
                             slot.tasks_done += n
+                            self.kept = ex.kept
                             return ex.back, fails
                         sent = (sent[0], batch_id, ex)
                     elif (

@@ -288,7 +288,7 @@ class _Sink:
         self.name = "<sink>"
         # what a node feeding it alone may call instead of deliver(): the flow's
         # completion itself, when the output is that node's value as is
-        self.direct: Callable[[Any, list[Any], bool], None] | None = (
+        self.direct: Callable[[Any, list[Any], bool, list[Any] | None], None] | None = (
             flow._complete if self.identity and self.joiner is None else None
         )
 
@@ -828,12 +828,18 @@ class RunningFlow(RunContext):
             cond.wait(timeout)
 
     # -- completion (called from host threads) ---------------------------------
-    def _complete(self, ids: Any, vals: list[Any], special: bool) -> None:
+    def _complete(
+        self, ids: Any, vals: list[Any], special: bool, kept: list[Any] | None = None
+    ) -> None:
+        """Items ``ids`` are done with outputs ``vals`` (``special``: some may be
+        skipped or failed). ``kept``, if given, is ``vals`` without the skipped
+        (and none failed): a stream yields it without a pass over ``vals``."""
         if self._finally is not None:
             ids, vals = self._finalize(ids, vals)
             if not vals:
                 return
             special = True
+            kept = None
         finished: list[_Block] = []
         with self._lock:
             blocks = self._blocks
@@ -841,6 +847,7 @@ class RunningFlow(RunContext):
                 block = blocks.pop(ids.start)
                 block.vals = vals
                 block.special = special
+                block.kept = kept
                 block.received = block.n
                 finished.append(block)
             elif type(ids) is range and self._fill_part(ids, vals, special, finished):
@@ -868,7 +875,7 @@ class RunningFlow(RunContext):
             for b in finished:
                 # the block's flag, not this call's: a block finished by a clean part
                 # may hold failures its earlier parts brought
-                if b.special:
+                if b.special and b.kept is None:
                     assert b.vals is not None
                     kept = [v for v in b.vals if v is not SKIP]
                     failed = [v for v in kept if type(v) is Failed]
