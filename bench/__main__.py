@@ -100,6 +100,28 @@ def _load() -> str:
         return "load average n/a"
 
 
+def _cpu_jiffies() -> tuple[int, int] | None:
+    """(steal, total) CPU time of the machine so far, from Linux's /proc/stat."""
+    try:
+        with open("/proc/stat", encoding="ascii") as fh:
+            fields = fh.readline().split()
+    except OSError:
+        return None
+    if len(fields) < 9 or fields[0] != "cpu":
+        return None
+    times = [int(f) for f in fields[1:9]]  # user nice system idle iowait irq softirq steal
+    return times[7], sum(times)
+
+
+def _steal(before: tuple[int, int] | None) -> str:
+    """The share of CPU time a hypervisor gave to others since ``before``: on a VM,
+    when it is high, the parallel rows (W2 (b), W4) drop for every engine alike."""
+    after = _cpu_jiffies()
+    if before is None or after is None or after[1] <= before[1]:
+        return ""
+    return f", steal {100 * (after[0] - before[0]) / (after[1] - before[1]):.1f}%"
+
+
 LEGEND = """\
 Columns: medians unless the metric says otherwise; "af vs X" = actorflow's speed
 relative to X (X's time / actorflow's time, or actorflow's items/s / X's items/s):
@@ -138,13 +160,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     for name in args.workloads:
         t0 = time.perf_counter()
+        cpu0 = _cpu_jiffies()
         print(f"  running {name} ...", end="", flush=True)
         faulthandler.dump_traceback_later(WATCHDOG_S[cfg.quick], exit=True)
         try:
             rows.extend(WORKLOADS[name](cfg))
         finally:
             faulthandler.cancel_dump_traceback_later()
-        print(f" {time.perf_counter() - t0:.1f} s ({_load()})", flush=True)
+        print(f" {time.perf_counter() - t0:.1f} s ({_load()}{_steal(cpu0)})", flush=True)
     print()
     print(render_table(rows))
     print()
