@@ -201,6 +201,12 @@ def logged_slow(arg: tuple[str, int]) -> int:
     return i
 
 
+def logged_slow_skip_odd(arg: tuple[str, int]) -> Any:
+    """:func:`logged_slow`, skipping odd items."""
+    i = logged_slow(arg)
+    return af.SKIP if i % 2 else i
+
+
 def spin(n: int) -> int:
     total = 0
     for i in range(n):
@@ -753,10 +759,13 @@ def test_worker_killed_mid_batch_keeps_returned_results_and_resends_the_rest(
     assert died["reason"] == "was killed by SIGKILL"
 
 
+@pytest.mark.parametrize("skip_odd", [False, True], ids=["all-kept", "odd-skipped"])
 def test_the_generated_loop_flushes_slow_items_so_a_death_loses_none(
-    solo: ProcessPool, events: Events, tmp_path: Path
+    solo: ProcessPool, events: Events, tmp_path: Path, skip_odd: bool
 ) -> None:
-    solo.register("logged", [logged_slow], loop=generated_loop_for(logged_slow))
+    # with skips, the chunks flushed before the death carry only kept results
+    fn = logged_slow_skip_odd if skip_odd else logged_slow
+    solo.register("logged", [fn], loop=generated_loop_for(fn))
     items = [(str(tmp_path), i) for i in range(8)]
     result: list[Any] = []
     caller = threading.Thread(target=lambda: result.extend(solo.call_batch("logged", items)))
@@ -764,7 +773,7 @@ def test_the_generated_loop_flushes_slow_items_so_a_death_loses_none(
     wait_until(lambda: (tmp_path / "started-3").exists())
     os.kill(int((tmp_path / "ran-3").read_text().split()[0]), signal.SIGKILL)
     caller.join(timeout=30)
-    assert values(result) == list(range(8))
+    assert values(result) == [af.SKIP if skip_odd and i % 2 else i for i in range(8)]
     runs = {i: (tmp_path / f"ran-{i}").read_text().split() for i in range(8)}
     assert all(len(runs[i]) == 1 for i in (0, 1, 2, 4, 5, 6, 7)), runs  # flushed, kept
     assert len(runs[3]) == 2
