@@ -71,6 +71,28 @@ def test_a_chain_that_is_the_flow_output_yields_only_kept_items_and_counts_the_r
     assert (m["keep_errors"].done, m["keep_errors"].skipped) == (2 * 500 + 2, 2 * 1500 + 6)
 
 
+@af.task(executor="process")
+def add_one(x: int) -> Any:
+    return x + 1 if x != 5 else af.SKIP
+
+
+def test_a_chain_of_120_process_tasks_fuses_and_runs() -> None:
+    # the generated loop is flat: nested blocks hit Python's limit near 99 nodes
+    @af.flow
+    def long_chain(x: int) -> Any:
+        for _ in range(120):
+            x = add_one(x)
+        return x
+
+    with long_chain.start(processes=1) as running:
+        out = list(running.map([0, 10, 1000]))
+        m = running.metrics()
+    assert out == [af.SKIP, 130, 1120]  # 0 reaches 5 on the way: skipped
+    assert len(m) == 120
+    *_, last = m.values()
+    assert (last.done, last.skipped) == (2, 1)
+
+
 def test_process_tasks_fuse_into_one_chain_run_inside_the_workers() -> None:
     from actorflow.runtime.plan import compile_plan, describe
 

@@ -482,9 +482,12 @@ def _compile_remote(seg: SegmentPlan) -> Callable[..., Any]:
         "    mark = kept_at.append",
         "    _skip = SKIP",
         f"    {names}, = FNS",
+        "    i -= 1",
         "    for v in vals:",
+        "        i += 1",  # this item's number
     ]
-    pad = "        "
+    # flat, not nested: a skip leaves the item's walk with `continue` (nested ifs
+    # hit Python's limit of 100 blocks in a ~99-node chain)
     for k, node in enumerate(seg.nodes):
         expr = node.expr
         for cname, cvalue in node.consts.items():
@@ -492,19 +495,20 @@ def _compile_remote(seg: SegmentPlan) -> Callable[..., Any]:
             ns[new] = cvalue
             expr = _rename_token(expr, cname, new)
         expr = _rename_token(expr, "f", f"f{k}")
-        lines.append(f"{pad}try:")
-        lines.append(f"{pad}    v = {expr}")
-        lines.append(f"{pad}except BaseException as e:")
-        lines.append(f"{pad}    err.append(({k}, e))")
-        lines.append(f"{pad}    return i + 1")
-        lines.append(f"{pad}if v is not _skip:")  # a skip ends the item's walk
-        pad += "    "
-    lines.append(f"{pad}append(v)")
-    lines.append(f"{pad}mark(i)")
-    lines.append("        i += 1")
+        lines.append("        try:")
+        lines.append(f"            v = {expr}")
+        lines.append("        except BaseException as e:")
+        lines.append(f"            err.append(({k}, e))")
+        lines.append("            return i + 1")
+        lines.append("        if v is _skip:")
+        lines.append("            if tick[0]:")
+        lines.append("                return i + 1")
+        lines.append("            continue")
+    lines.append("        append(v)")
+    lines.append("        mark(i)")
     lines.append("        if tick[0]:")
-    lines.append("            return i")
-    lines.append("    return i")
+    lines.append("            return i + 1")
+    lines.append("    return i + 1")
     ns["FNS"] = tuple(node.spec.task.fn for node in seg.nodes)
     exec(_compiled("\n".join(lines), "exec"), ns)
     remote: Callable[..., Any] = ns["remote"]

@@ -763,12 +763,14 @@ class _Ticker:
 class _Worker:
     """The loop of one worker process: load code, run batches, send results in chunks.
 
-    Requests are ``(kind, batch_id, key, version, code, index, timed, n, items)``;
-    ``items`` is one pickle of the list of items ("bulk", the fast path) or a list of
-    per-item pickles ("loose": one unpicklable item fails alone). Result chunks are
-    ``(batch_id, start, format, payload, errors, log_records)``: a bulk chunk's
-    payload is the list of results itself (one pickle), ``errors`` the encoded
-    failures by offset; a loose chunk's payload is a list of per-item pickles.
+    Requests are ``(kind, batch_id, key, version, code, index, timed, fused, n,
+    items)``; ``items`` is one pickle of the list of items ("bulk", the fast path)
+    or a list of per-item pickles ("loose": one unpicklable item fails alone).
+    Result chunks are ``(batch_id, start, format, payload, errors, log_records)``:
+    a bulk chunk's payload is ``(count, kept_at, results)``, the results one
+    pickle (all ``count`` of them when ``kept_at`` is None, else only the kept
+    ones, ``kept_at`` their batch positions), ``errors`` the encoded failures by
+    offset; a loose chunk's payload is a list of per-item pickles.
     """
 
     def __init__(
