@@ -71,6 +71,49 @@ def test_a_chain_that_is_the_flow_output_yields_only_kept_items_and_counts_the_r
     assert (m["keep_errors"].done, m["keep_errors"].skipped) == (2 * 500 + 2, 2 * 1500 + 6)
 
 
+def skip_fifths_fail_sevenths(x: int) -> Any:
+    if x % 7 == 0:
+        raise ValueError(f"seventh {x}")
+    return af.SKIP if x % 5 == 0 else x
+
+
+def skip_thirds(x: int) -> Any:
+    return af.SKIP if x % 3 == 0 else x
+
+
+def _counts(executor: str, how: str, timeout: float | None) -> dict[str, tuple[int, int, int]]:
+    opts: dict[str, Any] = {"executor": executor}
+    if timeout is not None:
+        opts["timeout"] = timeout  # the per-item path in the worker, not the generated loop
+    a = af.task(skip_fifths_fail_sevenths, name="A", **opts)
+    b = af.task(skip_thirds, name="B", **opts)
+
+    @af.flow
+    def two(x: int) -> Any:
+        return b(a(x))
+
+    with two.start(processes=1) as running:
+        if how == "stream":
+            list(running.stream(range(1, 301)))
+        else:
+            futures = [running.submit(x) for x in range(1, 61)]
+            for f in futures:
+                f.exception(timeout=30)
+        m = running.metrics()
+    return {name: (n.done, n.failed, n.skipped) for name, n in m.items()}
+
+
+@pytest.mark.parametrize(("how", "timeout"), [("stream", None), ("stream", 30.0), ("submit", None)])
+def test_a_fused_process_chain_counts_skips_at_the_node_that_skipped_like_threads(
+    how: str, timeout: float | None
+) -> None:
+    # an item that A skips is skipped at A and B, not done at A (the worker says which
+    # node skipped it: the generated loop, the per-item path and one-item batches)
+    want = _counts("thread", how, timeout)
+    assert want["A"][2] > 0  # the case is exercised
+    assert _counts("process", how, timeout) == want
+
+
 @af.task(executor="process")
 def add_one(x: int) -> Any:
     return x + 1 if x != 5 else af.SKIP

@@ -300,7 +300,13 @@ def generated_loop_for(fn: Any) -> Any:
 
 
 def batch_loop(
-    vals: Any, out: list[Any], kept_at: list[int], err: list[Any], tick: list[bool], i: int
+    vals: Any,
+    out: list[Any],
+    kept_at: list[int],
+    err: list[Any],
+    tick: list[bool],
+    i: int,
+    skips: list[int],
 ) -> int:
     """A hand-written ``loop=`` for the chain [inc, double]: what plan.py generates."""
     for item in vals:
@@ -638,6 +644,31 @@ def test_a_result_the_parent_cannot_unpickle_fails_only_its_item(pool: ProcessPo
     assert isinstance(err, Err)
     assert err.error.error_type == "PicklingError"
     assert "could not be unpickled in the parent" in err.error.message
+
+
+def skip_fifths(x: Any) -> Any:
+    return af.SKIP if isinstance(x, int) and x % 5 == 0 else x
+
+
+def skip_thirds(x: Any) -> Any:
+    return af.SKIP if isinstance(x, int) and x % 3 == 0 else x
+
+
+@pytest.mark.parametrize("loose", [False, True], ids=["bulk", "loose"])
+def test_run_batch_reports_how_many_items_each_stage_but_the_last_skipped(
+    pool: ProcessPool, loose: bool
+) -> None:
+    # the per-item path in the worker (no generated loop); "loose": one item does
+    # not pickle, so the batch goes item by item
+    pool.register("two", [skip_fifths, skip_thirds])
+    items: list[Any] = list(range(1, 31))
+    if loose:
+        items.append(threading.Lock())
+    skips: list[int] = []
+    vals, fails = pool.run_batch("two", items, skips_at=skips)
+    assert skips == [6]  # 5, 10, ..., 30 at stage 0; the last stage's 3s are not counted
+    assert vals[:30] == [af.SKIP if x % 5 == 0 or x % 3 == 0 else x for x in range(1, 31)]
+    assert list(fails) == ([30] if loose else [])
 
 
 def _shape(outcome: Any) -> Any:

@@ -951,13 +951,16 @@ class Segment:
                     if not lease.in_flight:
                         return batches
                     values, fails = lease.wait()
+                    skips = lease.skips
                     ticket, ids, vals = in_hand[0][:3]
                     now = clock()
                     # its own run time: from when the worker could start it (sent, and
                     # the batch before it back) to its results
                     head.sample((now - max(sent_at.pop(0), done_at)) / len(vals))
                     done_at = now
-                    out_ids, out, out_special = self._clean_outputs(ids, vals, values, fails)
+                    out_ids, out, out_special = self._clean_outputs(
+                        ids, vals, values, fails, skips=skips
+                    )
                     del in_hand[0]
                     head.in_flight -= len(vals)
                     try:
@@ -1209,7 +1212,7 @@ class Segment:
         """Read the oldest batch of ``h`` back, count it and emit it (:meth:`_emit_in_order`)."""
         head = self.stats[0]
         values, fails = h.lease.wait()
-        kept = h.lease.kept
+        kept, skips = h.lease.kept, h.lease.skips
         ticket, ids, vals, sent_at, prep = h.hand.popleft()
         # its own run time: from when the worker could start it (sent, and the batch
         # before it back) to its results
@@ -1222,10 +1225,12 @@ class Segment:
         h.done_at = now
         head.in_flight -= len(vals)
         if prep is not None:
-            out_ids, out, out_special = self._finish_special(ids, prep, values, fails)
+            out_ids, out, out_special = self._finish_special(ids, prep, values, fails, skips=skips)
             kept = None
         else:
-            out_ids, out, out_special = self._clean_outputs(ids, vals, values, fails, kept=kept)
+            out_ids, out, out_special = self._clean_outputs(
+                ids, vals, values, fails, kept=kept, skips=skips
+            )
         self._pump_emit(ticket, out_ids, out, out_special, kept)
         if not h.hand:
             self._return_leases([h], every=False)
@@ -1326,15 +1331,16 @@ class Segment:
         The common batch (no special input) goes as it is, and its results come
         back as one list: no per-item work in the parent.
         """
+        skips: list[int] = []
         if not special:
-            values, fails = self._remote_call(vals, pin)
-            return self._clean_outputs(ids, vals, values, fails, pin)
+            values, fails = self._remote_call(vals, pin, skips_at=skips)
+            return self._clean_outputs(ids, vals, values, fails, pin, skips=skips)
         prep = self._prepare_special(ids, vals)
         if not prep[2]:
             return self._finish_special(ids, prep)
         # special items (retries, parent-built arguments) take the per-node chain
-        values, fails = self._remote_call(prep[2], pin, fused=False)
-        return self._finish_special(ids, prep, values, fails, pin)
+        values, fails = self._remote_call(prep[2], pin, fused=False, skips_at=skips)
+        return self._finish_special(ids, prep, values, fails, pin, skips=skips)
 
     def _clean_outputs(
         self,
@@ -1344,11 +1350,13 @@ class Segment:
         fails: dict[int, Any],
         pin: int = -1,
         kept: list[Any] | None = None,
+        skips: list[int] | None = None,
     ) -> tuple[Any, list[Any], bool]:
         """A clean batch's remote results as ``(ids, outputs, special)``: counted,
         failures turned into retries (held back) or ``Failed`` values. ``kept``:
-        ``values`` without the skipped (see ``Lease.wait``), if known."""
-        skipped = self._remote_results(ids, vals, values, fails, None, pin, kept)
+        ``values`` without the skipped (see ``Lease.wait``), if known; ``skips``:
+        per node but the last, the items it skipped."""
+        skipped = self._remote_results(ids, vals, values, fails, None, pin, kept, skips)
         if not fails:
             return ids, values, skipped > 0
         held = sum(1 for o in values if o is _PENDING)
@@ -1410,6 +1418,7 @@ class Segment:
         values: list[Any] | None = None,
         fails: dict[int, Any] | None = None,
         pin: int = -1,
+        skips: list[int] | None = None,
     ) -> tuple[Any, list[Any], bool]:
         """Merge the worker's results for ``prep``'s items into its outputs."""
         out, send_at, send, attempts, skipped, failures = prep
@@ -1424,7 +1433,7 @@ class Segment:
             self.ctx.on_task_failed(failure)
         if values is not None:
             self._remote_results(
-                [ids[j] for j in send_at], send, values, fails or {}, attempts, pin
+                [ids[j] for j in send_at], send, values, fails or {}, attempts, pin, None, skips
             )
             for j, v in zip(send_at, values, strict=True):
                 out[j] = v
@@ -1434,7 +1443,7 @@ class Segment:
         return ids_out, out, any_special
 
     def _remote_call(
-        self, send: list[Any], pin: int, *, fused: bool = True
+        self, send: list[Any], pin: int, *, fused: bool = True, skips_at: list[int] | None = None
     ) -> tuple[list[Any], dict[int, Any]]:
         pool = self.ctx.process_pool()
         key = self.pool_key or self._register_remote(pool)
@@ -1446,7 +1455,7 @@ class Segment:
                 key, index, send, timeout=t.timeout
             )
         else:
-            result = pool.run_batch(key, send, timeout=t.timeout, fused=fused)
+            result = pool.run_batch(key, send, timeout=t.timeout, fused=fused, skips_at=skips_at)
         self.stats[0].sample((time.perf_counter() - t0) / len(send))
         return result
 
@@ -1459,10 +1468,13 @@ class Segment:
         attempts: list[int] | None,
         pin: int,
         kept: list[Any] | None = None,
+        skips: list[int] | None = None,
     ) -> int:
         """Count a remote batch's outcomes (once per batch); turn its failures, in
         ``values``, into retries (``_PENDING``) or ``Failed`` values. Returns the
-        number of skipped items (``kept``: the values without them, if known)."""
+        number of skipped items (``kept``: the values without them, if known;
+        ``skips[k]``: how many of them node ``k``, not the last, skipped: those
+        count as skipped from node ``k`` on, as on the thread path)."""
         if kept is not None:
             skipped = len(values) - len(kept)
         else:
@@ -1479,10 +1491,17 @@ class Segment:
                 attempt = 1 if attempts is None else attempts[j]
                 values[j] = self._remote_error(k, ids[j], sent[j], oc, attempt, pin)
         if ok:
-            for node_stats in self.stats:
+            stats = self.stats
+            for node_stats in stats:
                 node_stats.done += ok
-            self.stats[-1].done -= skipped
-            self.stats[-1].skipped += skipped
+            stats[-1].done -= skipped
+            stats[-1].skipped += skipped
+            if skips:
+                for k, n in enumerate(skips):
+                    for j in range(k, len(stats) - 1):
+                        stats[j].done -= n
+                        if self.nodes[j].kind != "exceptionally":
+                            stats[j].skipped += n
         return skipped
 
     def _next_instance(self) -> int:

@@ -82,9 +82,10 @@ class SegmentPlan:
     def remote_loop(self) -> Callable[..., None] | None:
         """The generated loop run inside a worker process for a process chain.
 
-        ``remote(vals, out, kept_at, err, tick, i) -> int`` numbers the values
-        from ``i`` and appends each kept result to ``out``, its number to
-        ``kept_at`` (a ``SKIP`` ends an item's walk and appends nothing); when
+        ``remote(vals, out, kept_at, err, tick, i, skips) -> int`` numbers the
+        values from ``i`` and appends each kept result to ``out``, its number to
+        ``kept_at`` (a ``SKIP`` ends an item's walk and appends nothing; from a
+        node ``k`` before the last, it adds 1 to ``skips[k]``); when
         node ``k`` raises (any ``BaseException``: the worker must survive its
         tasks), ``(k, exception)`` is appended to ``err`` and the loop returns;
         it also returns after an item that ends with ``tick[0]`` set (the
@@ -462,12 +463,13 @@ def _compile_fast(seg: SegmentPlan) -> Callable[..., Any]:
 
 
 def _compile_remote(seg: SegmentPlan) -> Callable[..., Any]:
-    """Generate ``remote(vals, out, kept_at, err, tick, i)`` for a process chain (see
-    ``remote_loop``).
+    """Generate ``remote(vals, out, kept_at, err, tick, i, skips)`` for a process chain
+    (see ``remote_loop``).
 
     ``vals`` is an iterator the caller shares across calls, its items numbered
     from ``i``: each kept result goes to ``out``, its number to ``kept_at`` (a
-    skipped item leaves no trace: the parent never touches it). The loop returns
+    skipped item leaves no trace: the parent never touches it, beyond counting
+    it in ``skips[k]`` when node ``k`` before the last skipped it). The loop returns
     the next item's number at the end of ``vals``, after an item that raised, or
     after the first item that ends with ``tick[0]`` true, so the worker can flush
     results. A flag, not a clock: reading ``time.monotonic()`` after each item cost
@@ -477,7 +479,7 @@ def _compile_remote(seg: SegmentPlan) -> Callable[..., Any]:
     last = len(seg.nodes) - 1
     names = ", ".join(f"f{k}" for k in range(last + 1))
     lines = [
-        "def remote(vals, out, kept_at, err, tick, i):",
+        "def remote(vals, out, kept_at, err, tick, i, skips):",
         "    append = out.append",
         "    mark = kept_at.append",
         "    _skip = SKIP",
@@ -501,6 +503,8 @@ def _compile_remote(seg: SegmentPlan) -> Callable[..., Any]:
         lines.append(f"            err.append(({k}, e))")
         lines.append("            return i + 1")
         lines.append("        if v is _skip:")
+        if k < last:  # the parent counts it skipped from node k on
+            lines.append(f"            skips[{k}] += 1")
         lines.append("            if tick[0]:")
         lines.append("                return i + 1")
         lines.append("            continue")

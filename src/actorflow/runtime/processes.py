@@ -677,14 +677,23 @@ def _chunk(
     payload: Any,
     errors: list[tuple[int, bytes]] | None,
     logs: list[dict[str, Any]] | None,
+    skips: list[int] | None = None,
 ) -> bytes:
-    """One result message; log records that do not pickle are dropped, never fatal."""
+    """One result message; log records that do not pickle are dropped, never fatal.
+    ``skips``: per stage before the last, how many of the chunk's items it skipped
+    (None when none did)."""
+    if skips is not None and not any(skips):
+        skips = None
     try:
-        return pickle.dumps((batch_id, start, fmt, payload, errors, logs), protocol=_PROTOCOL)
+        return pickle.dumps(
+            (batch_id, start, fmt, payload, errors, logs, skips), protocol=_PROTOCOL
+        )
     except Exception:
         if logs is None:
             raise
-        return pickle.dumps((batch_id, start, fmt, payload, errors, None), protocol=_PROTOCOL)
+        return pickle.dumps(
+            (batch_id, start, fmt, payload, errors, None, skips), protocol=_PROTOCOL
+        )
 
 
 class _Ticker:
@@ -860,9 +869,11 @@ class _Worker:
         fmt: int,
         payload: list[Any] | None,
         errors: list[tuple[int, bytes]] | None,
+        skips: list[int] | None = None,
     ) -> None:
         _flush_stdio()  # output printed by these items reaches stdout before they return
-        _send_frame(self.outbox, _chunk(batch_id, start, fmt, payload, errors, self.logs.take()))
+        logs = self.logs.take()
+        _send_frame(self.outbox, _chunk(batch_id, start, fmt, payload, errors, logs, skips))
 
     def _send_bulk(
         self,
@@ -873,6 +884,7 @@ class _Worker:
         kept_at: list[int] | None,
         errors: list[tuple[int, bytes]],
         fns: list[Any],
+        skips: list[int],
     ) -> None:
         """Send the results of items ``start .. start + count - 1`` of a batch.
 
@@ -901,7 +913,7 @@ class _Worker:
                 for offset, value in enumerate(results)
             ]
             fmt, errors = _LOOSE, []
-        _send_frame(self.outbox, _chunk(batch_id, start, fmt, payload, errors or None, logs))
+        _send_frame(self.outbox, _chunk(batch_id, start, fmt, payload, errors or None, logs, skips))
 
     def _due(self, last_flush: float, pending: int) -> bool:
         return (
@@ -918,8 +930,10 @@ class _Worker:
             self._send(batch_id, 0, _RESEND, None, None)
             return
         skip, clock, logs = SKIP, time.monotonic, self.logs
+        last = len(fns) - 1
         results: list[Any] = []
         errors: list[tuple[int, bytes]] = []
+        skips = [0] * last
         start = 0
         last_flush = clock()
         for position, item in enumerate(items):
@@ -931,6 +945,8 @@ class _Worker:
                 for fn in fns:
                     value = fn(value)
                     if value is skip:
+                        if stage < last:
+                            skips[stage] += 1
                         break
                     stage += 1
             except BaseException as exc:
@@ -938,10 +954,11 @@ class _Worker:
                 value = None
             results.append(value)
             if clock() - last_flush >= _FLUSH_INTERVAL_S or len(logs.records) >= _FLUSH_LOGS:
-                self._send_bulk(batch_id, start, len(results), results, None, errors, fns)
+                self._send_bulk(batch_id, start, len(results), results, None, errors, fns, skips)
                 start, results, errors, last_flush = position + 1, [], [], clock()
+                skips = [0] * last
         if results:
-            self._send_bulk(batch_id, start, len(results), results, None, errors, fns)
+            self._send_bulk(batch_id, start, len(results), results, None, errors, fns, skips)
         else:
             _flush_stdio()
 
@@ -970,47 +987,53 @@ class _Worker:
         kept_at: list[int] = []
         errors: list[tuple[int, bytes]] = []
         err: list[tuple[int, BaseException]] = []
+        skips = [0] * (len(fns) - 1)
         base = pos = 0  # base: the position of the chunk's first item
         last_flush = clock()
         ticker.begin()
         try:
             while pos < n:
-                pos = loop(it, results, kept_at, err, tick, pos)
+                pos = loop(it, results, kept_at, err, tick, pos, skips)
                 tick[0] = False
                 if err:
                     stage, exc = err.pop()
                     errors.append((pos - 1 - base, _encode_err(stage, _capture(exc))))
                 if clock() - last_flush >= _FLUSH_INTERVAL_S or len(logs.records) >= _FLUSH_LOGS:
-                    self._send_bulk(batch_id, base, pos - base, results, kept_at, errors, fns)
+                    self._send_bulk(
+                        batch_id, base, pos - base, results, kept_at, errors, fns, skips
+                    )
                     base, results, kept_at, errors, last_flush = pos, [], [], [], clock()
+                    skips = [0] * (len(fns) - 1)
         finally:
             ticker.end()
         if pos > base:
-            self._send_bulk(batch_id, base, pos - base, results, kept_at, errors, fns)
+            self._send_bulk(batch_id, base, pos - base, results, kept_at, errors, fns, skips)
         else:
             _flush_stdio()
 
     def _run_loose(self, batch_id: int, fns: list[Any], items: list[bytes], timed: bool) -> None:
         results: list[bytes] = []
+        skips = [0] * (len(fns) - 1)
         start = 0
         pending = 0
         last_flush = time.monotonic()
         for position, payload in enumerate(items):
             if timed:
                 self._mark(batch_id, position)
-            data = self._run_one(fns, payload)
+            data = self._run_one(fns, payload, skips)
             results.append(data)
             pending += len(data)
             if self._due(last_flush, pending):
-                self._send(batch_id, start, _LOOSE, results, None)
+                self._send(batch_id, start, _LOOSE, results, None, skips)
                 start, results, pending, last_flush = position + 1, [], 0, time.monotonic()
+                skips = [0] * (len(fns) - 1)
         if results:
-            self._send(batch_id, start, _LOOSE, results, None)
+            self._send(batch_id, start, _LOOSE, results, None, skips)
         else:
             _flush_stdio()
 
     @staticmethod
-    def _run_one(fns: list[Any], payload: bytes) -> bytes:
+    def _run_one(fns: list[Any], payload: bytes, skips: list[int]) -> bytes:
         try:
             value = pickle.loads(payload)
         except BaseException as exc:
@@ -1022,6 +1045,8 @@ class _Worker:
             except BaseException as exc:
                 return _encode_err(stage, _capture(exc))
             if value is SKIP:
+                if stage < len(skips):
+                    skips[stage] += 1
                 break
         return _encode_ok(value, stage, fns[stage])
 
@@ -1129,6 +1154,7 @@ class _Exchange:
     position = -1
     redo: tuple[int, ...] = ()  # results the parent could not unpickle
     kept: list[Any] | None = None  # a clean whole batch's results without the skipped
+    skips: list[int] | None = None  # per stage before the last: the items it skipped
     description = ""
     exitcode: int | None = None
     pid: int | None = None
@@ -1136,6 +1162,17 @@ class _Exchange:
     def __init__(self, back: list[Any], fails: dict[int, Outcome]) -> None:
         self.back = back
         self.fails = fails
+
+
+def _add_skips(into: list[int] | None, more: list[int]) -> list[int]:
+    """Per-stage skip counts ``into`` plus ``more`` (``into`` may be None)."""
+    if into is None:
+        return list(more)
+    if len(into) < len(more):
+        into.extend([0] * (len(more) - len(into)))
+    for k, c in enumerate(more):
+        into[k] += c
+    return into
 
 
 class _Batch:
@@ -1146,13 +1183,14 @@ class _Batch:
     item ("loose"): an item that does not pickle fails alone, with a clear error.
     """
 
-    __slots__ = ("bulk", "items", "loose", "values")
+    __slots__ = ("bulk", "items", "loose", "skips", "values")
 
     def __init__(self, items: Sequence[Any]) -> None:
         self.items: list[Any] = items if type(items) is list else list(items)
         self.values: list[Any] = [_NOT_BACK] * len(self.items)
         self.bulk = True
         self.loose: list[bytes | None] | None = None
+        self.skips: list[int] | None = None  # per stage before the last: items it skipped
 
     def encode(
         self, group: Sequence[int], fails: dict[int, Outcome]
@@ -1604,7 +1642,8 @@ class ProcessPool:
         key: str,
         fns: Sequence[Callable[..., Any]],
         *,
-        loop: Callable[[Any, list[Any], list[int], list[Any], list[bool], int], int] | None = None,
+        loop: Callable[[Any, list[Any], list[int], list[Any], list[bool], int, list[int]], int]
+        | None = None,
     ) -> None:
         """Register a chain of functions under ``key``: item -> fns[0] -> fns[1] -> ...
 
@@ -1614,9 +1653,10 @@ class ProcessPool:
         that cannot be pickled.
 
         ``loop``, optional, is the same chain as one batch loop
-        ``loop(values, out, kept_at, err, tick, i) -> int``: over an iterator of
-        values numbered from ``i``, it appends each kept result to ``out`` and its
-        number to ``kept_at`` (a ``SKIP`` appends nothing); when ``fns[k]`` raises
+        ``loop(values, out, kept_at, err, tick, i, skips) -> int``: over an iterator
+        of values numbered from ``i``, it appends each kept result to ``out`` and its
+        number to ``kept_at`` (a ``SKIP`` appends nothing, and adds 1 to
+        ``skips[k]`` when ``fns[k]``, not the last, returned it); when ``fns[k]`` raises
         on item ``j``, it appends ``(k, exception)`` to ``err`` and returns ``j +
         1``; it also returns after the first item that ends with ``tick[0]`` true
         (the worker's ticker sets it every ``_TICK_S`` while a batch runs, so
@@ -1736,6 +1776,7 @@ class ProcessPool:
         *,
         timeout: float | None = None,
         fused: bool = True,
+        skips_at: list[int] | None = None,
     ) -> tuple[list[Any], dict[int, Outcome]]:
         """:meth:`call_batch` without an object per item: ``(values, failures)``.
 
@@ -1744,6 +1785,8 @@ class ProcessPool:
         ``values[i]`` is a placeholder. The fast path for large batches.
         ``fused=False``: run the items through the chain's functions one by one,
         not through its generated ``loop`` (items the loop cannot take).
+        ``skips_at``, a list: on return, ``skips_at[k]`` adds how many items the
+        chain's function ``k`` (not the last) skipped (it grows as needed).
 
         Example::
 
@@ -1754,7 +1797,7 @@ class ProcessPool:
             code = self._chains.get(key)
         if code is None:
             raise KeyError(f"no chain {key!r} is registered in process pool {self.name!r}")
-        return self._call(_Target(_RUN, key, code), None, items, timeout, fused)
+        return self._call(_Target(_RUN, key, code), None, items, timeout, fused, skips_at)
 
     def call_instance(
         self, key: str, index: int, items: Sequence[Any], *, timeout: float | None = None
@@ -1792,6 +1835,7 @@ class ProcessPool:
         items: Sequence[Any],
         timeout: float | None,
         fused: bool = True,
+        skips_at: list[int] | None = None,
     ) -> tuple[list[Any], dict[int, Outcome]]:
         if timeout is not None and not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds or None, not {timeout!r}")
@@ -1807,6 +1851,8 @@ class ProcessPool:
                 raise
             finally:
                 self._release(slot)
+        if skips_at is not None and batch.skips:
+            skips_at[:] = _add_skips(list(skips_at), batch.skips)
         return batch.values, fails
 
     def _drive(
@@ -1849,6 +1895,8 @@ class ProcessPool:
                 groups.appendleft(group)
                 continue
             back = ex.back
+            if ex.skips:
+                batch.skips = _add_skips(batch.skips, ex.skips)
             if type(group) is range and group.step == 1:
                 values[group.start : group.stop] = back
             else:
@@ -2165,7 +2213,7 @@ class ProcessPool:
             data = _recv_frame(conn)
         except (EOFError, OSError):
             return False
-        chunk_batch, start, fmt, payload, errors, logs = pickle.loads(data)
+        chunk_batch, start, fmt, payload, errors, logs, skips = pickle.loads(data)
         if logs:
             self._replay_logs(logs)
         if chunk_batch == _HELLO_BATCH:
@@ -2176,7 +2224,7 @@ class ProcessPool:
             if route is None:
                 return True  # a batch nobody waits for any more (given up on)
             ex, last_stage = route
-        self._deliver(ex, start, fmt, payload, errors, last_stage)
+        self._deliver(ex, start, fmt, payload, errors, last_stage, skips)
         return True
 
     def _deliver(
@@ -2187,8 +2235,10 @@ class ProcessPool:
         payload: Any,
         errors: list[tuple[int, bytes]] | None,
         last_stage: int,
+        skips: list[int] | None = None,
     ) -> None:
-        """Put one chunk of a worker's results into its exchange."""
+        """Put one chunk of a worker's results into its exchange (``skips``: see
+        ``_chunk``; counted only with results that are kept, not redone)."""
         back, fails = ex.back, ex.fails
         if fmt == _BULK:
             count, kept_at, blob = payload
@@ -2218,6 +2268,8 @@ class ProcessPool:
                     ex.back = results
                 else:
                     back[start : start + count] = results
+                if skips:
+                    ex.skips = _add_skips(ex.skips, skips)
             ex.count += count
         elif fmt == _LOOSE:
             for offset, encoded in enumerate(payload):
@@ -2227,6 +2279,8 @@ class ProcessPool:
                 else:
                     back[start + offset] = _FAILED
                     fails[start + offset] = outcome
+            if skips:
+                ex.skips = _add_skips(ex.skips, skips)
             ex.count += len(payload)
         else:
             ex.fate = "resend"
@@ -2806,6 +2860,7 @@ class Lease:
         self._pending = deque()
         self._checks = 0  # due_back() calls (the RSS check is rate-limited)
         self.kept: list[Any] | None = None  # see wait()
+        self.skips: list[int] | None = None  # see wait()
 
     def __enter__(self) -> Lease:
         return self
@@ -2957,8 +3012,10 @@ class Lease:
 
         Afterwards ``kept`` is, for a clean batch run whole through a generated
         loop, its values without the skipped ones (else None): what a stream
-        yields, with no pass over the values."""
+        yields, with no pass over the values. ``skips`` is, per function of the
+        chain but the last, how many of the batch's items it skipped (or None)."""
         self.kept = None
+        self.skips = None
         slot, pending = self._slot, self._pending
         if slot is None or not pending:
             raise RuntimeError("no batch in flight on this lease")
@@ -2988,6 +3045,7 @@ class Lease:
                         ):
                             slot.tasks_done += n
                             self.kept = ex.kept
+                            self.skips = ex.skips
                             return ex.back, fails
                         sent = (sent[0], batch_id, ex)
                     elif (
@@ -3007,6 +3065,7 @@ class Lease:
             except BaseException:
                 self._break()
                 raise
+        self.skips = batch.skips
         return batch.values, fails
 
     def _break(self) -> None:
