@@ -827,6 +827,20 @@ def test_the_ticker_ticks_during_a_batch_sleeps_when_idle_and_wakes_for_the_next
     assert not ticker.thread.is_alive()
 
 
+def test_a_ticker_without_a_thread_never_ticks_and_never_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    ticker = _Ticker.start()  # a worker at its thread limit still runs its batches
+    ticker.begin()
+    ticker.end()
+    assert not ticker.tick[0]
+    assert not ticker.thread.is_alive()
+
+
 def test_worker_killed_while_idle_is_restarted_on_next_use(
     solo: ProcessPool, events: Events
 ) -> None:

@@ -735,7 +735,12 @@ class _Ticker:
     @classmethod
     def start(cls) -> _Ticker:
         ticker = cls()
-        ticker.thread.start()
+        try:
+            ticker.thread.start()
+        except RuntimeError:
+            # the process cannot start another thread: no ticks, so a batch's results
+            # are sent when it ends instead of every _FLUSH_INTERVAL_S; nothing fails
+            pass
         return ticker
 
     def close(self) -> None:
