@@ -1498,6 +1498,8 @@ class Segment:
             stats[-1].skipped += skipped
             if skips:
                 for k, n in enumerate(skips):
+                    if not n:
+                        continue
                     for j in range(k, len(stats) - 1):
                         stats[j].done -= n
                         if self.nodes[j].kind != "exceptionally":
